@@ -1,0 +1,223 @@
+"""The Kimi K2 decoder (DeepSeek-V3 family with K2's changes), architecture only.
+
+- Token embedding, then ``first_k_dense`` blocks with a dense SwiGLU FFN, then MoE blocks
+  (k2model.moe), RMSNorm pre-norm everywhere, a final RMSNorm and an untied output head.
+- Attention is multi-head latent attention with decoupled RoPE (k2model.layers).
+- In training mode every forward records, per layer and head, the largest pre-softmax logit over
+  causally visible positions into ``max_logits`` ([layers, heads], fp32), max-accumulated over the
+  micro-batches of a step; QK-Clip (k2model.qk_clip) reads it after the step and calls
+  ``reset_max_logits``. Likewise ``tokens_per_expert`` per MoE layer feeds the router-bias update.
+- Parameter names follow the family's released checkpoints (``model.layers.{i}.self_attn.q_a_proj.weight``,
+  ``...mlp.gate.e_score_correction_bias``, ``lm_head.weight``); routed experts are stacked per layer, and
+  ``hf_expert_names`` / ``to_hf_state_dict`` map them to the per-expert names.
+- Weight init is ``init_weights``: every tensor is drawn from a generator seeded by (seed, name) and,
+  for stacked experts, by the global expert index, so the weights do not depend on the expert-parallel
+  layout or module creation order.
+
+Tensor name suffixes: B batch, T sequence, D width, V vocabulary, L layers, H heads, E experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2model.config import ModelConfig
+from k2model.dispatch import ExpertDispatcher
+from k2model.layers import MultiHeadLatentAttention, RMSNorm, SwiGLU, rope_tables
+from k2model.moe import MoE, Router
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: ExpertDispatcher | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(cfg, dispatcher)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
+
+    def forward(self, x_BTD, cos, sin, record_max_logit: bool):
+        attn_out, max_logit_H = self.self_attn(self.input_layernorm(x_BTD), cos, sin, record_max_logit)
+        x_BTD = x_BTD + attn_out
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD, max_logit_H
+
+
+class K2Trunk(nn.Module):
+    """``model.*`` in the released layout: embedding, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, dispatchers: list[ExpertDispatcher] | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        moe_idx = 0
+        layers = []
+        for i in range(cfg.num_layers):
+            dispatcher = None
+            if cfg.is_moe_layer(i) and dispatchers is not None:
+                dispatcher = dispatchers[moe_idx]
+                moe_idx += 1
+            layers.append(DecoderLayer(cfg, i, dispatcher))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None
+    """Cross-entropy plus the balance loss (what to backpropagate)."""
+    lm_loss: torch.Tensor | None
+    """Mean next-token cross-entropy alone."""
+    aux_loss: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+class K2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dispatchers: list[ExpertDispatcher] | None = None):
+        """``dispatchers``: one per MoE layer for expert parallelism (each decides how many experts this
+        rank holds); None keeps every expert local."""
+        super().__init__()
+        if dispatchers is not None and len(dispatchers) != cfg.num_moe_layers:
+            raise ValueError(f"need one dispatcher per MoE layer ({cfg.num_moe_layers}), got {len(dispatchers)}")
+        self.cfg = cfg
+        self.model = K2Trunk(cfg, dispatchers)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("max_logits", torch.full((cfg.num_layers, cfg.num_heads), float("-inf")),
+                             persistent=False)
+        cos, sin = rope_tables(cfg, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.record_max_logits: bool | None = None
+        """Record max logits: None follows ``self.training``."""
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> CausalLMOutput:
+        B, T = input_ids_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        record = self.training if self.record_max_logits is None else self.record_max_logits
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        for layer in self.model.layers:
+            x_BTD, max_logit_H = layer(x_BTD, cos, sin, record)
+            if max_logit_H is not None:
+                self.max_logits[layer.layer_idx] = torch.maximum(self.max_logits[layer.layer_idx], max_logit_H)
+        logits_BTV = self.lm_head(self.model.norm(x_BTD))
+        if targets_BT is None:
+            return CausalLMOutput(loss=None, lm_loss=None, aux_loss=None, logits=logits_BTV)
+        lm_loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1))
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        aux_loss = torch.stack(aux).sum() if aux else None
+        loss = lm_loss + aux_loss if aux_loss is not None else lm_loss
+        return CausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits_BTV)
+
+    # ------------------------------------------------------------------ step statistics
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def routers(self) -> list[Router]:
+        return [m.gate for m in self.moe_layers()]
+
+    def attention_layers(self) -> list[MultiHeadLatentAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def reset_max_logits(self) -> None:
+        self.max_logits.fill_(float("-inf"))
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last reset, [moe_layers, E] (this rank only)."""
+        moe = self.moe_layers()
+        if not moe:
+            return torch.zeros(0, self.cfg.num_experts)
+        return torch.stack([m.tokens_per_expert for m in moe])
+
+    def reset_expert_load(self) -> None:
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+
+
+# ---------------------------------------------------------------------- init
+def _seed_for(seed: int, name: str, index: int = -1) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_weights(model: K2ForCausalLM, seed: int = 0) -> None:
+    """Normal(0, init_std) for every matrix and embedding, ones for norms, zero router biases.
+    Stacked expert tensors are drawn per *global* expert (offset by the rank's first local expert)."""
+    std = model.cfg.init_std
+    offsets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            offsets[f"{name}.experts."] = module.dispatcher.local_expert_offset
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        if p.ndim == 1:
+            p.fill_(1.0)  # RMSNorm weights are the only 1-D parameters
+            continue
+        prefix = name.rsplit(".", 1)[0] + "."
+        if prefix in offsets:
+            base = offsets[prefix]
+            for j in range(p.shape[0]):
+                gen = torch.Generator().manual_seed(_seed_for(seed, name, base + j))
+                p[j].copy_(torch.randn(p.shape[1:], generator=gen) * std)
+        else:
+            gen = torch.Generator().manual_seed(_seed_for(seed, name))
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    for router in model.routers():
+        router.e_score_correction_bias.zero_()
+    model.reset_max_logits()
+    model.reset_expert_load()
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, dispatchers: list[ExpertDispatcher] | None = None,
+                device: torch.device | str | None = None) -> K2ForCausalLM:
+    model = K2ForCausalLM(cfg, dispatchers)
+    init_weights(model, seed)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# ---------------------------------------------------------------------- released-checkpoint names
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def hf_expert_names(stacked_name: str, num_local_experts: int, local_expert_offset: int = 0) -> list[str]:
+    """Names of the per-expert tensors that one stacked tensor holds, in stack order.
+
+    ``model.layers.3.mlp.experts.up_proj`` with 4 local experts starting at global expert 8 gives
+    ``model.layers.3.mlp.experts.8.up_proj.weight`` ... ``...experts.11.up_proj.weight``."""
+    prefix, proj = stacked_name.rsplit(".", 1)
+    if proj not in EXPERT_PROJECTIONS or not prefix.endswith(".experts"):
+        raise ValueError(f"{stacked_name!r} is not a stacked expert tensor name")
+    return [f"{prefix}.{local_expert_offset + j}.{proj}.weight" for j in range(num_local_experts)]
+
+
+def is_stacked_expert(name: str) -> bool:
+    prefix, _, proj = name.rpartition(".")
+    return proj in EXPERT_PROJECTIONS and prefix.endswith(".experts")
+
+
+def to_hf_state_dict(model: K2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs in the released per-expert layout for this rank's parameters and the
+    router-bias buffers; stacked experts are split into views, nothing is copied."""
+    offsets = {f"{n}.experts": m.dispatcher.local_expert_offset
+               for n, m in model.named_modules() if isinstance(m, MoE)}
+    for name, tensor in model.state_dict().items():
+        if is_stacked_expert(name):
+            prefix = name.rsplit(".", 1)[0]
+            names = hf_expert_names(name, tensor.shape[0], offsets[prefix])
+            yield from zip(names, tensor.unbind(0))
+        else:
+            yield name, tensor

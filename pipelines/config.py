@@ -1,0 +1,375 @@
+"""The run configuration: one typed object with the sections ``model``, ``optimizer``, ``data``, ``train``,
+``storage`` and ``tracking``, built from a named run config or YAML file plus dotted ``--set`` overrides.
+
+Resolution order (later wins): the section defaults; the YAML file (``configs/<name>.yaml`` for a bare
+name such as ``ci`` or ``demo``); the overrides. ``model.preset`` picks the model's base fields and any
+other ``model.*`` key overrides one of them. Every key and value is checked here, before any stage or
+cluster time is spent; errors name the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from k2model.config import PRESETS, ModelConfig, OptimizerConfig, RopeScaling, preset_config
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BAD_RECORD_POLICIES = ("skip", "fail")
+SCHEDULES = ("wsd", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str | None = None
+    """Folder or ``s3://`` prefix of .txt/.jsonl(.gz/.zst)/.parquet files; None: the Python standard
+    library's own sources (present on every machine)."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl and .parquet files."""
+    on_bad_record: str = "skip"
+    """``skip`` (count and list bad inputs) or ``fail`` (stop with an error naming the file)."""
+    max_docs: int | None = None
+    """Use at most this many documents (in a deterministic order); None: all."""
+    min_doc_chars: int = 16
+    """Documents shorter than this after normalisation are dropped."""
+    max_doc_bytes: int = 1_000_000
+    """Documents (or lines) larger than this are skipped or rejected before parsing."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation, chosen by content hash."""
+    seq_len: int = 256
+    """Training sequence length; shards hold windows of seq_len + 1 tokens."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary (special tokens included); must equal model.vocab_size."""
+    tokenizer: str | None = None
+    """Path or URI of an existing tokenizer.json; None trains one."""
+    tokenizer_sample_bytes: int = 20_000_000
+    """Bytes of training text sampled to train the tokenizer."""
+    windows_per_shard: int = 2048
+    """Rows (windows) per parquet shard."""
+    num_workers: int = 2
+    """Tokenizer actors in the Ray Data pool."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 1
+    """Ray Train workers (one process each)."""
+    ep: int = 1
+    """Expert-parallel degree; must divide num_workers and model.num_experts."""
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all workers; a multiple of micro_batch_size * num_workers."""
+    lr: float = 3e-3
+    """Peak learning rate (Muon and AdamW share it through update-RMS matching)."""
+    schedule: str = "wsd"
+    """``wsd`` (warmup-stable-decay, K2), ``cosine`` or ``constant`` (after warmup)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    decay_fraction: float = 0.3
+    """wsd: share of the steps spent in the final cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (K2: 2e-5 / 2e-4)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints; 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train may make."""
+    threads_per_worker: int = 1
+    """torch threads per worker (CPU results depend on it)."""
+    seed: int = 0
+    """Seed of the weight init and the data order."""
+    fault_injection: str | None = None
+    """``rank:step``: crash that rank once when it reaches that step (tests only)."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    eval_every: int = 50
+    """Steps between validation losses; 0: only at the end."""
+    eval_batches: int = 4
+    """Micro-batches per validation."""
+    max_bad_steps: int = 3
+    """Non-finite steps in a row before restoring the latest checkpoint."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each Ray Train worker reserves (fractions keep a 2-core machine from deadlocking)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "./k2runs"
+    """Local folder or ``s3://bucket/prefix``; stages under ``stages/``, runs under ``runs/``."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None: a local sqlite store in the working directory."""
+    experiment: str = "k2pipe"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: preset_config("tiny"))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str | None = None
+    """Run name; None derives one from the config."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to plain values (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.model.preset or 'custom'}-{config_hash(self.to_dict())[:8]}"
+
+    def validate(self) -> None:
+        """Cross-section checks (each section validates itself on construction)."""
+        m, d, t = self.model, self.data, self.train
+        if m.vocab_size != d.vocab_size:
+            raise ValueError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size={d.vocab_size}: "
+                             "the tokenizer's vocabulary must equal the model's")
+        if d.seq_len > m.max_seq_len:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if t.num_workers % t.ep:
+            raise ValueError(f"train.ep={t.ep} must divide train.num_workers={t.num_workers}")
+        if m.num_experts % t.ep:
+            raise ValueError(f"train.ep={t.ep} must divide model.num_experts={m.num_experts}")
+        per_step = t.micro_batch_size * t.num_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size * train.num_workers = {per_step}")
+        if t.fault_injection is not None and not re.fullmatch(r"\d+:\d+", t.fault_injection):
+            raise ValueError(f"train.fault_injection={t.fault_injection!r}: expected 'rank:step', e.g. '1:20'")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig,
+    "storage": StorageConfig, "tracking": TrackingConfig,
+}
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or say what would be valid."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}={value!r}: invalid value")
+    if annotation is RopeScaling:
+        if isinstance(value, RopeScaling):
+            return value
+        if isinstance(value, dict):
+            return RopeScaling(**value)
+        raise ValueError(f"{key}={value!r}: expected a mapping of YaRN fields")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (x.strip() for x in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list")
+        return tuple(str(v) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected an integer") from None
+        if f != int(f):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        return int(f)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected a number") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _section_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=200", "model.preset=tiny"]`` to a dict of dotted keys and raw YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.steps=200")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key] = value
+    return out
+
+
+def resolve_config_path(config: str | None) -> Path | None:
+    """A YAML path, or the name of a bundled run config (``ci``, ``demo``)."""
+    if config is None:
+        return None
+    p = Path(config)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ValueError(f"config file {config!r} does not exist")
+        return p
+    bundled = CONFIG_DIR / f"{config}.yaml"
+    if bundled.exists():
+        return bundled
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"config {config!r} is neither a YAML file nor a bundled config; bundled: {names}")
+
+
+def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: expected a mapping of sections, got {type(doc).__name__}")
+    flat: dict[str, Any] = {}
+    for section, body in doc.items():
+        if section == "name":
+            flat["name"] = body
+            continue
+        if section not in SECTIONS:
+            raise ValueError(f"{source}: unknown section {section!r}; valid: {sorted(SECTIONS)} and 'name'")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def load_config(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                run_name: str | None = None) -> RunConfig:
+    """Build and validate a RunConfig. ``config`` is a YAML path or a bundled name; ``overrides`` are
+    ``section.key=value`` strings (or an already-parsed dict of dotted keys)."""
+    flat: dict[str, Any] = {}
+    path = resolve_config_path(config)
+    if path is not None:
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        flat.update(_flatten_yaml(doc, str(path)))
+    flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    if run_name is not None:
+        flat["name"] = run_name
+    return build_config(flat)
+
+
+def build_config(flat: dict[str, Any]) -> RunConfig:
+    by_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    name = flat.get("name")
+    for key, value in flat.items():
+        if key == "name":
+            continue
+        section, _, field_name = key.partition(".")
+        if section not in SECTIONS or not field_name:
+            raise ValueError(f"unknown config key {key!r}; keys look like section.field with section one of "
+                             f"{sorted(SECTIONS)}")
+        by_section[section][field_name] = value
+
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        fields = _section_fields(cls)
+        values = by_section[section]
+        if section == "model":
+            preset = values.pop("preset", "tiny")
+            if preset is not None and preset not in PRESETS:
+                raise ValueError(f"model.preset={preset!r}: unknown preset; valid: {sorted(PRESETS)}")
+            base = dict(PRESETS[preset], preset=preset) if preset else {}
+        else:
+            base = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ValueError(f"unknown config key '{section}.{key}'; valid keys in {section}: "
+                                 f"{sorted(fields)}")
+            base[key] = _coerce(f"{section}.{key}", value, fields[key])
+        try:
+            built[section] = cls(**base)
+        except TypeError as e:
+            raise ValueError(f"section {section!r}: {e}") from None
+    cfg = RunConfig(name=str(name) if name else None, **built)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Inverse of ``RunConfig.to_dict`` (used to ship a config to Ray workers as plain data)."""
+    flat: dict[str, Any] = {}
+    for section in SECTIONS:
+        for key, value in (d.get(section) or {}).items():
+            flat[f"{section}.{key}"] = value
+    if d.get("name"):
+        flat["name"] = d["name"]
+    return build_config(flat)
