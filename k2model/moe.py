@@ -42,8 +42,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
+def _grouped_mm_supported(x: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
+        return False
+    # The kernels need every row stride to be a multiple of 16 bytes.
+    if any(dim * x.element_size() % 16 for dim in w_EOI.shape[1:]):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
@@ -55,7 +58,7 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E:
     ``w_EOI[e]^T``, for all experts in one grouped kernel (no Python loop over experts)."""
     if x_MI.shape[0] == 0:
         return x_MI.new_zeros(0, w_EOI.shape[1]) + 0 * w_EOI.sum()
-    if _grouped_mm_supported(x_MI):
+    if _grouped_mm_supported(x_MI, w_EOI):
         offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offsets))
     return _padded_linear(x_MI, w_EOI, tokens_per_expert_E)

@@ -1,0 +1,310 @@
+"""The K2 architecture against slow references: MLA, MoE routing and experts, max-logit recording,
+parameter totals, and one-batch overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from k2model.config import count_parameters, preset_config
+from k2model.layers import apply_rope, causal_max_logit_per_head, rope_tables
+from k2model.model import K2ForCausalLM, build_model, hf_expert_names, to_hf_state_dict
+from k2model.moe import MoE, _padded_linear, grouped_linear, update_router_bias
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def tiny(**overrides):
+    return preset_config("tiny", **overrides)
+
+
+# ---------------------------------------------------------------------- attention
+def mla_reference(attn, x_BTD, cfg):
+    """Materialise every head's full key and value from the latent, then explicit masked softmax."""
+    B, T, D = x_BTD.shape
+    H, nope, rope, vd = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    cos, sin = rope_tables(cfg, T)
+    q_all = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x_BTD))) if cfg.q_lora_rank else attn.q_proj(x_BTD)
+    kv_a = attn.kv_a_proj_with_mqa(x_BTD)
+    latent, k_rope_shared = kv_a[..., : cfg.kv_lora_rank], kv_a[..., cfg.kv_lora_rank:]
+    kv_all = attn.kv_b_proj(attn.kv_a_layernorm(latent))
+    k_rope_shared = apply_rope(k_rope_shared, cos, sin)
+    heads = []
+    for h in range(H):
+        q_h = q_all[..., h * (nope + rope):(h + 1) * (nope + rope)]
+        q_h = torch.cat([q_h[..., :nope], apply_rope(q_h[..., nope:], cos, sin)], dim=-1)
+        kv_h = kv_all[..., h * (nope + vd):(h + 1) * (nope + vd)]
+        k_h = torch.cat([kv_h[..., :nope], k_rope_shared], dim=-1)
+        v_h = kv_h[..., nope:]
+        logits = q_h @ k_h.transpose(-1, -2) / math.sqrt(nope + rope)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        probs = logits.masked_fill(mask, float("-inf")).softmax(-1)
+        heads.append(probs @ v_h)
+    full_logits = []
+    return attn.o_proj(torch.cat(heads, dim=-1)), full_logits
+
+
+@pytest.mark.parametrize("q_lora_rank", [64, None])
+def test_mla_matches_materialised_reference(q_lora_rank):
+    cfg = tiny(q_lora_rank=q_lora_rank, init_std=0.05)
+    model = build_model(cfg, seed=1)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 24, cfg.hidden_size)
+    cos, sin = rope_tables(cfg, 24)
+    out, _ = attn(x, cos, sin)
+    ref, _ = mla_reference(attn, x, cfg)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_is_a_rotation_of_interleaved_pairs():
+    cfg = tiny()
+    cos, sin = rope_tables(cfg, 8)
+    x = torch.randn(8, cfg.qk_rope_head_dim)
+    y = apply_rope(x, cos, sin)
+    # Norm of each pair is kept; position 0 is the identity.
+    torch.testing.assert_close(x.view(8, -1, 2).norm(dim=-1), y.view(8, -1, 2).norm(dim=-1))
+    torch.testing.assert_close(x[0], y[0])
+    # Relative-position property: <R(p) a, R(p+d) b> depends only on d.
+    a, b = torch.randn(cfg.qk_rope_head_dim), torch.randn(cfg.qk_rope_head_dim)
+    ra, rb = apply_rope(a.expand(8, -1), cos, sin), apply_rope(b.expand(8, -1), cos, sin)
+    torch.testing.assert_close((ra[1] * rb[3]).sum(), (ra[4] * rb[6]).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_max_logit_equals_true_causal_max():
+    cfg = tiny(init_std=0.2, attn_block_size=5)  # blocks that do not divide T
+    model = build_model(cfg, seed=3).train()
+    ids = torch.randint(0, cfg.vocab_size, (3, 23))
+    model(ids)
+    # Reference: full T x T logits per layer, masked to the causally visible positions.
+    x = model.model.embed_tokens(ids)
+    cos, sin = rope_tables(cfg, 23)
+    expected = []
+    with torch.no_grad():
+        for layer in model.model.layers:
+            q, k, _ = layer.self_attn.query_key_value(layer.input_layernorm(x), cos, sin)
+            logits = (q @ k.transpose(-1, -2)) * layer.self_attn.scale
+            mask = torch.triu(torch.ones(23, 23, dtype=torch.bool), diagonal=1)
+            expected.append(logits.masked_fill(mask, float("-inf")).amax(dim=(0, 2, 3)))
+            x, _ = layer(x, cos, sin, False)
+    torch.testing.assert_close(model.max_logits, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    # Future positions never count: a huge logit planted above the diagonal is ignored.
+    q = torch.zeros(1, 1, 4, 2)
+    k = torch.zeros(1, 1, 4, 2)
+    q[0, 0, 0, 0], k[0, 0, 3, 0] = 100.0, 100.0
+    assert causal_max_logit_per_head(q, k, 1.0, 2).item() == 0.0
+
+
+def test_max_logits_accumulate_over_micro_batches_and_reset():
+    cfg = tiny(init_std=0.1)
+    model = build_model(cfg, seed=0).train()
+    a, b = torch.randint(0, cfg.vocab_size, (2, 2, 16))
+    model(a)
+    after_a = model.max_logits.clone()
+    model.reset_max_logits()
+    model(b)
+    after_b = model.max_logits.clone()
+    model.reset_max_logits()
+    model(a)
+    model(b)
+    torch.testing.assert_close(model.max_logits, torch.maximum(after_a, after_b))
+    model.reset_max_logits()
+    assert torch.isneginf(model.max_logits).all()
+    model.eval()
+    model(a)
+    assert torch.isneginf(model.max_logits).all(), "evaluation must not record"
+
+
+# ---------------------------------------------------------------------- MoE
+def moe_layer(cfg, seed=0) -> MoE:
+    model = build_model(cfg, seed=seed)
+    return model.model.layers[cfg.first_k_dense].mlp
+
+
+def test_moe_matches_per_token_loop():
+    cfg = tiny(init_std=0.05)
+    moe = moe_layer(cfg)
+    x = torch.randn(2, 7, cfg.hidden_size)
+    torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_dim,in_dim", [(8, 4), (6, 5)])  # grouped kernel, and the padded fallback
+def test_grouped_linear_matches_loop_including_empty_experts(out_dim, in_dim):
+    torch.manual_seed(0)
+    w = torch.randn(5, out_dim, in_dim, requires_grad=True)
+    counts = torch.tensor([3, 0, 2, 0, 4])
+    x = torch.randn(int(counts.sum()), in_dim, requires_grad=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    loop = torch.cat([x[s:s + c] @ w[e].T for e, (s, c) in enumerate(zip(starts, counts.tolist()))])
+    for fn in (grouped_linear, _padded_linear):
+        y = fn(x, w, counts)
+        torch.testing.assert_close(y, loop)
+        y.sum().backward()  # an expanded gradient, the case grouped_mm's backward needs made contiguous
+        gx, gw = x.grad.clone(), w.grad.clone()
+        x.grad, w.grad = None, None
+        loop.sum().backward(retain_graph=True)
+        torch.testing.assert_close(gx, x.grad)
+        torch.testing.assert_close(gw, w.grad)
+        x.grad, w.grad = None, None
+
+
+def test_bias_changes_choice_but_not_gate_values():
+    cfg = tiny(init_std=0.05)
+    router = moe_layer(cfg).gate
+    x = torch.randn(32, cfg.hidden_size)
+    ids0, w0, scores = router(x)
+    target = 5
+    router.e_score_correction_bias[target] = 10.0  # force expert 5 into every token's top-k
+    ids1, w1, scores1 = router(x)
+    torch.testing.assert_close(scores, scores1)
+    assert (ids1 == target).any(dim=1).all()
+    assert not torch.equal(ids0, ids1)
+    # Gate weights are the unbiased scores of the chosen experts, normalised, times the scaling factor.
+    chosen = scores.gather(1, ids1)
+    expected = chosen / chosen.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    torch.testing.assert_close(w1, expected)
+
+
+def test_group_restriction_follows_deepseek_v3():
+    cfg = tiny(num_experts=16, num_expert_groups=4, topk_groups=2, num_experts_per_tok=4)
+    router = moe_layer(cfg).gate
+    scores = torch.rand(64, 16)
+    ids = router.select(scores)
+    grouped = scores.view(64, 4, 4)
+    group_score = grouped.topk(2, dim=-1).values.sum(-1)
+    best_groups = group_score.topk(2, dim=-1).indices
+    for n in range(64):
+        allowed = torch.cat([torch.arange(g * 4, g * 4 + 4) for g in best_groups[n].tolist()])
+        assert set(ids[n].tolist()) <= set(allowed.tolist())
+        # Inside the kept groups, the choice is the plain top-k.
+        expected = allowed[scores[n, allowed].topk(4).indices]
+        assert set(ids[n].tolist()) == set(expected.tolist())
+    # One group is no restriction at all.
+    plain = moe_layer(tiny(num_experts=16, num_experts_per_tok=4)).gate
+    torch.testing.assert_close(plain.select(scores), scores.topk(4, dim=-1).indices)
+
+
+def test_expert_load_counts_and_bias_update():
+    cfg = tiny()
+    model = build_model(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    model(ids)
+    load = model.expert_load()
+    assert load.shape == (cfg.num_moe_layers, cfg.num_experts)
+    assert torch.all(load.sum(1) == 2 * 16 * cfg.num_experts_per_tok)
+    update_router_bias(model.routers(), load, 0.01)
+    for router, l in zip(model.routers(), load):
+        expected = 0.01 * torch.sign(l.mean() - l)
+        torch.testing.assert_close(router.e_score_correction_bias, expected)
+    # The bias is a buffer: saved with the model, never a parameter.
+    names = dict(model.named_parameters())
+    assert not any("e_score_correction_bias" in n for n in names)
+    assert any("e_score_correction_bias" in n for n in model.state_dict())
+
+
+def test_sequence_balance_loss_is_alpha_at_uniform_routing():
+    from k2model.moe import sequence_balance_loss
+
+    B, T, E, K = 2, 8, 4, 2
+    scores = torch.full((B, T, E), 0.5)
+    # Each token picks 2 of 4 experts, all experts equally often.
+    ids = torch.tensor([[0, 1], [2, 3]] * (T // 2)).expand(B, T, K)
+    loss = sequence_balance_loss(scores, ids, alpha=0.1)
+    torch.testing.assert_close(loss, torch.tensor(0.1))
+
+
+# ---------------------------------------------------------------------- parameter totals
+def test_tiny_counts_equal_allocated_model():
+    cfg = tiny()
+    model = build_model(cfg)
+    pc = count_parameters(cfg)
+    assert pc.total == sum(p.numel() for p in model.parameters())
+    # Active path counted from the allocated modules: everything but routed experts, plus k experts.
+    active = 0
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            active += p.numel() // p.shape[0] * cfg.num_experts_per_tok
+        else:
+            active += p.numel()
+    assert pc.active == active
+
+
+@pytest.mark.parametrize("preset", ["k2-1t", "deepseek-v3", "small"])
+def test_large_presets_counts_equal_meta_allocation(preset):
+    cfg = preset_config(preset)
+    with torch.device("meta"):
+        model = K2ForCausalLM(cfg)
+    assert count_parameters(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def test_k2_totals_match_published_figures():
+    pc = count_parameters(preset_config("k2-1t"))
+    assert abs(pc.total / 1.04e12 - 1) < 0.02
+    assert abs(pc.active / 32.6e9 - 1) < 0.02
+    assert round(pc.total / 1e12, 3) == 1.026
+    assert round(pc.active / 1e9, 2) == 32.86
+    small = count_parameters(preset_config("small"))
+    assert small.total <= 150e6
+
+
+# ---------------------------------------------------------------------- training behaviour
+def test_tiny_overfits_one_batch_and_every_parameter_gets_gradient():
+    torch.manual_seed(0)
+    cfg = tiny(init_std=0.02, seq_aux_loss_alpha=1e-4)
+    model = build_model(cfg, seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for step in range(60):
+        out = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            first = out.lm_loss.item()
+            missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+            assert not missing, f"no gradient reaches {missing}"
+        opt.step()
+    assert out.lm_loss.item() < first / 10, (first, out.lm_loss.item())
+
+
+def test_init_is_deterministic_and_independent_of_construction():
+    cfg = tiny()
+    a, b = build_model(cfg, seed=7), build_model(cfg, seed=7)
+    c = build_model(cfg, seed=8)
+    for (n, pa), pb, pc_ in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+        assert not torch.equal(pa, pc_) or pa.ndim == 1, n
+
+
+def test_hf_names_split_stacked_experts():
+    cfg = tiny()
+    model = build_model(cfg)
+    hf = dict(to_hf_state_dict(model))
+    layer = cfg.first_k_dense
+    for e in range(cfg.num_experts):
+        w = hf[f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight"]
+        assert w.shape == (cfg.expert_ffn_size, cfg.hidden_size)
+        assert torch.equal(w, model.model.layers[layer].mlp.experts.up_proj[e])
+    assert f"model.layers.{layer}.mlp.gate.e_score_correction_bias" in hf
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in hf
+    assert "lm_head.weight" in hf and "model.embed_tokens.weight" in hf
+    assert hf_expert_names("model.layers.3.mlp.experts.down_proj", 2, 8) == [
+        "model.layers.3.mlp.experts.8.down_proj.weight", "model.layers.3.mlp.experts.9.down_proj.weight"]
+    with pytest.raises(ValueError):
+        hf_expert_names("model.layers.3.mlp.gate.weight", 2)
+
+
+def test_loss_is_cross_entropy_of_logits():
+    cfg = tiny(seq_aux_loss_alpha=0.0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    out = model(ids[:, :-1], ids[:, 1:])
+    expected = F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
