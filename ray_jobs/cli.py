@@ -91,6 +91,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.dag import PipelineError, run_pipeline, select_stages
+
+    cfg = _load_config(args)
+    try:
+        select_stages(args.from_stage, args.until)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        result = run_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=tuple(args.force),
+                              ray_address=args.ray_address)
+    except PipelineError as e:
+        print(e.result.summary(), file=sys.stderr)
+        print(f"k2pipe: pipeline failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(result.summary())
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -103,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf-config", help="a DeepSeek-V3 family config.json")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("run", help="run the whole pipeline DAG (embedded local Ray unless --ray-address)")
+    _add_config_args(p)
+    p.add_argument("--ray-address", help="address of a running Ray cluster (default: start an embedded one)")
+    p.add_argument("--from", dest="from_stage", help="rerun from this stage (earlier stages are reused)")
+    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("data", help="run the data stages alone (ingest, tokenizer, shard)")
     _add_config_args(p)

@@ -1,0 +1,99 @@
+"""What each stage leaves in its MLflow run: the tokenizer, the data manifest, training plots (loss, max
+attention logit per layer, expert load), the evaluation report and the exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from pipelines import storage, tracking
+
+
+def _log_bytes(client, run_id: str, data: bytes, artifact_path: str) -> None:
+    folder, _, name = artifact_path.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        tracking.retry(lambda: client.log_artifact(run_id, path, folder or None))
+
+
+def training_plots(client, run_id: str) -> dict[str, bytes]:
+    """PNG plots from the metric history of a pretrain run."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = tracking.retry(lambda: client.get_run(run_id))
+    keys = sorted(run.data.metrics)
+
+    def history(key: str) -> tuple[list[int], list[float]]:
+        points = sorted(tracking.retry(lambda: client.get_metric_history(run_id, key)), key=lambda m: m.step)
+        return [p.step for p in points], [p.value for p in points]
+
+    plots: dict[str, bytes] = {}
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        plots[name] = buf.getvalue()
+
+    if "train/loss" in keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*history("train/loss"), label="train")
+        if "val/loss" in keys:
+            ax.plot(*history("val/loss"), marker="o", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("loss")
+        ax.legend()
+        save(fig, "loss.png")
+    layer_keys = [k for k in keys if k.startswith("attn/max_logit_layer")]
+    if layer_keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in sorted(layer_keys, key=lambda k: int(k.rsplit("layer", 1)[1])):
+            ax.plot(*history(k), label=k.rsplit("/", 1)[1])
+        ax.set_xlabel("step")
+        ax.set_ylabel("max pre-softmax logit")
+        ax.set_title("max attention logit per layer")
+        ax.legend(fontsize=7)
+        save(fig, "max_logit.png")
+    if "moe/load_imbalance" in keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*history("moe/load_imbalance"), label="max/mean load")
+        if "moe/router_bias_range" in keys:
+            ax2 = ax.twinx()
+            ax2.plot(*history("moe/router_bias_range"), color="tab:orange", label="router-bias range")
+            ax2.set_ylabel("router-bias range")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert load max/mean")
+        ax.set_title("expert load")
+        save(fig, "expert_load.png")
+    return plots
+
+
+def log_stage_artifacts(client, run_id: str, name: str, outputs: Any, result: Any) -> None:
+    if outputs is None:
+        return
+    if name == "tokenizer" and getattr(outputs, "tokenizer_uri", None):
+        _log_bytes(client, run_id, storage.read_bytes(outputs.tokenizer_uri), "tokenizer/tokenizer.json")
+    elif name == "shard" and getattr(outputs, "manifest", None):
+        _log_bytes(client, run_id, json.dumps(outputs.manifest, indent=2, default=str).encode(),
+                   "data/manifest.json")
+    elif name == "pretrain":
+        for plot_name, data in training_plots(client, run_id).items():
+            _log_bytes(client, run_id, data, f"plots/{plot_name}")
+    elif name == "evaluate":
+        _log_bytes(client, run_id, json.dumps(outputs.report, indent=2).encode(), "evaluation/report.json")
+        for key in ("val_loss", "val_perplexity"):
+            tracking.retry(lambda key=key: client.log_metric(run_id, f"eval/{key}", float(outputs.report[key])))
+    elif name == "export":
+        for file_name in outputs.files:
+            _log_bytes(client, run_id, storage.read_bytes(storage.join(outputs.uri, file_name)),
+                       f"model/{file_name}")

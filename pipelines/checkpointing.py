@@ -1,0 +1,194 @@
+"""Sharded, asynchronous, fault-tolerant checkpoints for Ray Train.
+
+Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
+
+    checkpoint-step00000050/
+        rank-00000.pt  rank-00001.pt ...   one shard per rank: its parameters (local experts included),
+                                           its optimizer state, step, RNG states
+        meta.json                          written by rank 0: step, world size, ep, math signature
+
+How a save works, and why a crash never leaves a trusted partial checkpoint:
+1. ``start``: the loop stalls only to snapshot its state (tensors cloned to CPU memory).
+2. A background thread serialises the snapshot and writes this rank's shard, retrying transient storage
+   errors (throttling, dropped connections, a store that is down for a while) with exponential backoff.
+3. ``poll_and_register`` (called every step; one tiny all-reduce while a save is pending): once every
+   rank's upload finished, the ranks agree; if all succeeded, the folder is registered with Ray Train
+   (``ray.train.report(..., checkpoint_upload_mode=NO_UPLOAD)``), which keeps the last ``num_to_keep``.
+   If any rank failed for good, the checkpoint is abandoned (reported in the log and metrics; the folder
+   is deleted best-effort) and training goes on; the next checkpoint tries again.
+Ray Train resumes only from registered checkpoints, so a folder whose upload was cut short by a crash
+is never trusted. Each rank reads back only ``meta.json`` and its own shard.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import time
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+
+SHARD_NAME = "rank-{rank:05d}.pt"
+META_NAME = "meta.json"
+UPLOAD_ATTEMPTS = 6
+FIRST_BACKOFF_S = 1.0
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-step{step:08d}"
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep copy with every tensor cloned to CPU (the only part of a save the training loop waits for)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes, attempts: int, backoff: float) -> None:
+    delay = backoff
+    for attempt in range(attempts):
+        try:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        except OSError as e:
+            if attempt == attempts - 1:
+                raise OSError(f"writing {path} failed after {attempts} attempts: {e}") from None
+            time.sleep(delay)
+            delay *= 2
+
+
+class CheckpointWriter:
+    def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, signature: dict[str, Any],
+                 world_size: int, ep: int, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = FIRST_BACKOFF_S):
+        self.fs = fs
+        self.experiment_path = experiment_path.rstrip("/")
+        self.rank = rank
+        self.signature = signature
+        self.world_size = world_size
+        self.ep = ep
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self._pending: tuple[int, concurrent.futures.Future, dict[str, Any]] | None = None
+        self.last_registered_path: str | None = None
+        self.abandoned: list[int] = []
+        self.stall_seconds: list[float] = []
+
+    def path_for(self, step: int) -> str:
+        return f"{self.experiment_path}/{checkpoint_dir_name(step)}"
+
+    # ------------------------------------------------------------------ saving
+    def start(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self._pending is not None:
+            # One save in flight at a time: finish the previous one first (rare: slow storage).
+            self._finish(wait=True)
+        t0 = time.perf_counter()
+        snap = snapshot(state)
+        self.stall_seconds.append(time.perf_counter() - t0)
+        folder = self.path_for(step)
+        meta = {"step": step, "world_size": self.world_size, "ep": self.ep, "signature": self.signature,
+                "time": time.time()}
+        future = self._pool.submit(self._upload, folder, snap, meta)
+        self._pending = (step, future, metrics)
+
+    def _upload(self, folder: str, snap: dict[str, Any], meta: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(snap, buf)
+        _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}", buf.getvalue(),
+                          self.attempts, self.backoff_s)
+        if self.rank == 0:
+            _write_with_retry(self.fs, f"{folder}/{META_NAME}", json.dumps(meta, default=str).encode(),
+                              self.attempts, self.backoff_s)
+
+    def poll_and_register(self, final: bool) -> None:
+        if self._pending is None:
+            return
+        self._finish(wait=final)
+
+    def _agree(self, value: int, op) -> int:
+        if dist.is_initialized() and self.world_size > 1:
+            t = torch.tensor([value], dtype=torch.int64)
+            dist.all_reduce(t, op=op)
+            return int(t.item())
+        return value
+
+    def _finish(self, wait: bool) -> None:
+        import ray.train
+
+        step, future, metrics = self._pending
+        if wait:
+            concurrent.futures.wait([future])
+        # Every rank must make the same decision: done only when all uploads finished.
+        if self._agree(int(future.done()), dist.ReduceOp.MIN) == 0:
+            return
+        error = future.exception()
+        ok = self._agree(int(error is None), dist.ReduceOp.MIN) == 1
+        self._pending = None
+        folder = self.path_for(step)
+        if ok:
+            checkpoint = ray.train.Checkpoint(path=folder, filesystem=self.fs)
+            ray.train.report(dict(metrics), checkpoint=checkpoint,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+            self.last_registered_path = folder
+        else:
+            self.abandoned.append(step)
+            if error is not None:
+                print(f"[k2pipe] rank {self.rank}: checkpoint of step {step} abandoned: {error}", flush=True)
+            if self.rank == 0:
+                try:
+                    self.fs.delete_dir(folder)
+                except OSError:
+                    pass  # the store is still down; the folder was never registered, so it is never trusted
+            # Keep report() calls equal on every rank even when no checkpoint is registered.
+            ray.train.report({**metrics, "checkpoint_abandoned_step": step})
+
+    def load_latest_registered(self) -> dict[str, Any] | None:
+        import ray.train
+
+        if self.last_registered_path is not None:
+            checkpoint = ray.train.Checkpoint(path=self.last_registered_path, filesystem=self.fs)
+        else:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return None
+        return load_rank_state(checkpoint, self.rank, self.signature, self.world_size, self.ep)
+
+
+# ---------------------------------------------------------------------- loading
+def read_meta(checkpoint) -> dict[str, Any]:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_NAME}") as f:
+        return json.loads(f.read().decode())
+
+
+def check_compatible(meta: dict[str, Any], signature: dict[str, Any], world_size: int, ep: int,
+                     where: str) -> None:
+    if meta["world_size"] != world_size or meta["ep"] != ep:
+        raise ValueError(f"checkpoint {where} was written by {meta['world_size']} workers with ep={meta['ep']}; "
+                         f"this run has {world_size} workers with ep={ep}. Resume with the same layout.")
+    saved = meta["signature"]
+    differing = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {signature.get(k)!r}" for k in differing)
+        raise ValueError(f"checkpoint {where} was written under a config that changes the math ({details}); "
+                         "refusing to resume. Use another run name to start fresh.")
+
+
+def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int
+                    ) -> dict[str, Any]:
+    """Read ``meta.json`` and this rank's shard only."""
+    meta = read_meta(checkpoint)
+    check_compatible(meta, signature, world_size, ep, checkpoint.path)
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), weights_only=False)

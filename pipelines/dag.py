@@ -1,0 +1,350 @@
+"""The one end-to-end DAG: ingest -> tokenizer -> shard -> pretrain -> {evaluate, export}.
+
+Each stage runs as a Ray task whose inputs are the object references of its upstream stages' outputs,
+so Ray runs independent branches (evaluate and export) concurrently. Stage tasks only orchestrate
+(they start Ray Data or Ray Train, which reserve their own CPUs), so they reserve none (``num_cpus=0``)
+and never starve the workers they start on a small machine. This is the only place that knows the order
+of the stages.
+
+Every stage is idempotent: its output lives in a folder named by the fingerprint of its inputs and
+config, with ``_COMPLETE.json`` written last; a rerun reuses complete outputs and recomputes from the first
+stage that is not complete. ``from_stage`` / ``until`` choose a slice (stages before ``from_stage`` must
+already be complete), ``force`` recomputes the named stages. Pretraining resumes from its latest
+checkpoint (Ray Train restores a run by name).
+
+MLflow: one parent run per pipeline run and one nested run per stage, created before any stage starts and
+recorded in ``<storage>/runs/<run-name>/tracking.json``; a resumed or resubmitted run logs into the same
+runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import storage, tracking
+from pipelines.config import RunConfig
+
+STAGES = ("ingest", "tokenizer", "shard", "pretrain", "evaluate", "export")
+UPSTREAM = {"ingest": (), "tokenizer": ("ingest",), "shard": ("ingest", "tokenizer"), "pretrain": ("shard",),
+            "evaluate": ("shard", "pretrain"), "export": ("tokenizer", "pretrain")}
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str
+    """``ran``, ``reused`` (complete output found) or ``not selected``."""
+    seconds: float = 0.0
+    uri: str | None = None
+    fingerprint: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    run_name: str
+    storage_root: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+    stages: dict[str, StageResult]
+
+    def summary(self) -> str:
+        lines = [f"k2pipe run '{self.run_name}'  (storage: {self.storage_root})"]
+        for name in STAGES:
+            r = self.stages.get(name)
+            if r is None:
+                continue
+            where = f"  {r.uri}" if r.uri else ""
+            lines.append(f"  {name:<10} {r.status:<13} {r.seconds:7.1f}s{where}")
+        evaluate = self.stages.get("evaluate")
+        if evaluate and evaluate.outputs.get("report"):
+            rep = evaluate.outputs["report"]
+            lines.append(f"  validation loss {rep['val_loss']:.4f}  perplexity {rep['val_perplexity']:.2f}")
+        if self.tracking_uri:
+            lines.append(f"  MLflow parent run {self.parent_run_id}; open the UI with:")
+            lines.append(f"    {ui_command(self.tracking_uri)}")
+        return "\n".join(lines)
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def select_stages(from_stage: str | None, until: str | None) -> list[str]:
+    for name, value in (("--from", from_stage), ("--until", until)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"{name} {value!r}: unknown stage; valid: {', '.join(STAGES)}")
+    lo = STAGES.index(from_stage) if from_stage else 0
+    hi = STAGES.index(until) if until else len(STAGES) - 1
+    if lo > hi:
+        raise ValueError(f"--from {from_stage} comes after --until {until}")
+    return list(STAGES[lo:hi + 1])
+
+
+def git_commit() -> str | None:
+    env = os.environ.get("K2PIPE_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ray_job_id() -> str | None:
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("K2PIPE_RAY_JOB_ID")
+
+
+# ---------------------------------------------------------------------- tracking runs
+def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
+    """Create (or find again) the parent run and one nested run per stage; record their ids."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    c = tracking.client(uri)
+    record_uri = storage.join(storage.run_dir(cfg.storage.root, cfg.run_name), "tracking.json")
+    record = storage.read_json(record_uri) if storage.exists(record_uri) else None
+    if record is not None and record.get("tracking_uri") == uri:
+        try:
+            tracking.retry(lambda: c.get_run(record["parent_run_id"]))
+            tracking.retry(lambda: c.update_run(record["parent_run_id"], status="RUNNING"))
+            return record
+        except Exception as e:
+            print(f"[k2pipe] recorded MLflow runs of '{cfg.run_name}' not found ({type(e).__name__}); "
+                  "creating new ones", flush=True)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    tags = {tracking.RUN_NAME_TAG: cfg.run_name, "mlflow.runName": cfg.run_name}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["k2pipe.git_commit"] = commit
+    job = ray_job_id()
+    if job:
+        tags["k2pipe.ray_job_id"] = job
+    # A previous parent run of this run name (tracking.json lost or another storage): reuse it.
+    existing = tracking.retry(lambda: c.search_runs(
+        [experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.run_name}' and "
+                                       f"tags.`k2pipe.kind` = 'pipeline'", max_results=1))
+    if existing:
+        parent_id = existing[0].info.run_id
+    else:
+        parent = tracking.retry(lambda: c.create_run(experiment_id, tags={**tags, "k2pipe.kind": "pipeline"},
+                                                     run_name=cfg.run_name))
+        parent_id = parent.info.run_id
+        params = tracking.redact({k: _param_value(v) for k, v in cfg.flat().items()})
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            tracking.retry(lambda chunk=items[i:i + 90]: c.log_batch(parent_id, params=chunk))
+        tracking.retry(lambda: c.log_text(parent_id, json.dumps(cfg.to_dict(), indent=2, default=str),
+                                          "config/run_config.json"))
+    stage_runs = {}
+    for name in STAGES:
+        found = tracking.retry(lambda name=name: c.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                           f"tags.`{tracking.STAGE_TAG}` = '{name}'", max_results=1))
+        if found:
+            stage_runs[name] = found[0].info.run_id
+            continue
+        run = tracking.retry(lambda name=name: c.create_run(
+            experiment_id, run_name=f"{cfg.run_name}/{name}",
+            tags={**tags, "mlflow.parentRunId": parent_id, tracking.STAGE_TAG: name, "k2pipe.kind": "stage"}))
+        stage_runs[name] = run.info.run_id
+    record = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+              "stage_run_ids": stage_runs, "run_name": cfg.run_name}
+    storage.write_json(record_uri, record)
+    return record
+
+
+def _param_value(v: Any) -> str:
+    text = json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else str(v)
+    return text[:500]
+
+
+# ---------------------------------------------------------------------- stage bodies
+def _stage_ingest(cfg: RunConfig, force: bool, _inputs: dict[str, Any]):
+    from pipelines.ingest import run_ingest
+
+    return run_ingest(cfg, force=force)
+
+
+def _stage_tokenizer(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+    from pipelines.tokenizer import run_tokenizer
+
+    return run_tokenizer(cfg, inputs["ingest"], force=force)
+
+
+def _stage_shard(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+    from pipelines.shard import run_shard
+
+    return run_shard(cfg, inputs["ingest"], inputs["tokenizer"], force=force)
+
+
+def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], tracking_record=None):
+    from pipelines.pretrain import run_pretrain_stage
+
+    shard = inputs["shard"]
+    record = tracking_record or {}
+    return run_pretrain_stage(cfg, shard.uri, shard.manifest, force=force,
+                              mlflow_run_id=(record.get("stage_run_ids") or {}).get("pretrain"),
+                              tracking_uri=record.get("tracking_uri"))
+
+
+def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+    from pipelines.evaluate import run_evaluate
+
+    shard = inputs["shard"]
+    pretrain = inputs["pretrain"]
+    return run_evaluate(cfg, pretrain.checkpoint_uri, shard.uri, shard.manifest, force=force,
+                        checkpoint_version=pretrain.completed_at)
+
+
+def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+    from pipelines.evaluate import run_export
+
+    pretrain = inputs["pretrain"]
+    return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].tokenizer_uri, force=force,
+                      checkpoint_version=pretrain.completed_at)
+
+
+STAGE_FUNCTIONS = {"ingest": _stage_ingest, "tokenizer": _stage_tokenizer, "shard": _stage_shard,
+                   "pretrain": _stage_pretrain, "evaluate": _stage_evaluate, "export": _stage_export}
+
+
+def run_stage(name: str, cfg: RunConfig, force: bool, record: dict[str, Any] | None, *upstream: Any
+              ) -> tuple[Any, StageResult]:
+    """Body of one stage task: run (or reuse) the stage and log it to its MLflow run."""
+    inputs = {up: out for up, (out, _) in zip(UPSTREAM[name], upstream)}
+    started = time.time()
+    kwargs = {"tracking_record": record} if name == "pretrain" else {}
+    if record is not None:
+        c = tracking.client(record["tracking_uri"])
+        tracking.retry(lambda: c.update_run(record["stage_run_ids"][name], status="RUNNING"))
+    try:
+        outputs = STAGE_FUNCTIONS[name](cfg, force, inputs, **kwargs)
+    except BaseException:
+        if record is not None:
+            tracking.retry(lambda: c.set_terminated(record["stage_run_ids"][name], status="FAILED"))
+        raise
+    seconds = time.time() - started
+    reused = bool(getattr(outputs, "reused", False))
+    result = StageResult(name=name, status="reused" if reused else "ran", seconds=seconds,
+                         uri=getattr(outputs, "uri", None) or getattr(outputs, "checkpoint_uri", None),
+                         fingerprint=getattr(outputs, "fingerprint", None),
+                         outputs=_summary_of(outputs))
+    if record is not None:
+        _log_stage(record, name, outputs, result)
+    return outputs, result
+
+
+def _summary_of(outputs: Any) -> dict[str, Any]:
+    if outputs is None:
+        return {}
+    if dataclasses.is_dataclass(outputs):
+        d = {}
+        for f in dataclasses.fields(outputs):
+            v = getattr(outputs, f.name)
+            if isinstance(v, (str, int, float, bool)) or f.name in ("report", "metrics", "files"):
+                d[f.name] = v
+        return d
+    return {}
+
+
+def _log_stage(record: dict[str, Any], name: str, outputs: Any, result: StageResult) -> None:
+    c = tracking.client(record["tracking_uri"])
+    run_id = record["stage_run_ids"][name]
+    tags = {"k2pipe.status": result.status}
+    if result.fingerprint:
+        tags["k2pipe.fingerprint"] = result.fingerprint
+    if result.uri:
+        tags["k2pipe.output_uri"] = result.uri
+    for k, v in tags.items():
+        tracking.retry(lambda k=k, v=v: c.set_tag(run_id, k, v))
+        tracking.retry(lambda k=k, v=v: c.set_tag(record["parent_run_id"], f"{name}.{k.split('.')[-1]}", v))
+    from pipelines.artifacts import log_stage_artifacts
+
+    log_stage_artifacts(c, run_id, name, outputs, result)
+    tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
+
+
+# ---------------------------------------------------------------------- driver
+def init_ray(cfg: RunConfig, ray_address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"PYTHONUNBUFFERED": "1"}
+    if ray_address:
+        ray.init(address=ray_address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    cores = os.cpu_count() or 2
+    # Logical CPUs: enough for the Ray Train workers, the tokenizer pool and the reads at once, so a
+    # 2-core machine never deadlocks on CPU reservations (the OS shares the real cores).
+    wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.num_workers + 2
+    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False,
+             runtime_env={"env_vars": env_vars}, log_to_driver=True)
+
+
+def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
+                 force: tuple[str, ...] = (), ray_address: str | None = None) -> PipelineResult:
+    import ray
+
+    selected = select_stages(from_stage, until)
+    for name in force:
+        if name not in STAGES:
+            raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")
+    root = storage.normalize_uri(cfg.storage.root)
+    cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=root),
+                              name=cfg.run_name)
+    record = setup_tracking(cfg)
+    init_ray(cfg, ray_address)
+    task = ray.remote(num_cpus=0, max_retries=0)(run_stage)
+    # --from S reruns S and everything after it; earlier stages are reused when complete (and computed
+    # when missing, so a slice never starts from nothing). --until U stops after U.
+    rerun_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+    refs: dict[str, Any] = {}
+    last_needed = max(STAGES.index(s) for s in selected)
+    for i, name in enumerate(STAGES[:last_needed + 1]):
+        if name in ("evaluate", "export") and name not in selected:
+            continue
+        upstream = [refs[u] for u in UPSTREAM[name]]
+        refs[name] = task.options(name=f"k2pipe-{name}").remote(
+            name, cfg, name in force or i >= rerun_from, record, *upstream)
+    results: dict[str, StageResult] = {}
+    failure: BaseException | None = None
+    for name, ref in refs.items():
+        try:
+            _, results[name] = ray.get(ref)
+        except Exception as e:  # the first failing stage decides; later ones fail with it
+            failure = failure or e
+            results[name] = StageResult(name=name, status="failed")
+    if record is not None:
+        c = tracking.client(record["tracking_uri"])
+        status = "FAILED" if failure else "FINISHED"
+        tracking.retry(lambda: c.set_terminated(record["parent_run_id"], status=status))
+    pipeline = PipelineResult(run_name=cfg.run_name, storage_root=root,
+                              tracking_uri=record["tracking_uri"] if record else None,
+                              parent_run_id=record["parent_run_id"] if record else None, stages=results)
+    if failure is not None:
+        raise PipelineError(pipeline, failure)
+    return pipeline
+
+
+class PipelineError(RuntimeError):
+    def __init__(self, result: PipelineResult, cause: BaseException):
+        cause_text = str(cause).strip().splitlines()
+        super().__init__(cause_text[-1] if cause_text else type(cause).__name__)
+        self.result = result
+        self.cause = cause

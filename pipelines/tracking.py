@@ -1,0 +1,116 @@
+"""MLflow tracking: where runs go, the parent/stage run structure, and a rank-0 metric logger that never
+logs a step twice across resumes.
+
+- With no ``tracking.uri`` the store is ``sqlite:///<abs cwd>/mlflow.db`` with artifacts in
+  ``<abs cwd>/mlruns``: absolute, so Ray workers (which run in Ray's session directory) write to the
+  same place as the driver. SQLite takes one writer at a time; calls are retried on "database is locked",
+  so the driver and rank 0 can log at once.
+- Secrets never reach MLflow: ``redact`` drops values of keys that look like credentials, and params are
+  the resolved run config, which holds none (S3 credentials live only in the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+RUN_NAME_TAG = "k2pipe.run_name"
+STAGE_TAG = "k2pipe.stage"
+
+
+def default_tracking_uri(cwd: str | None = None) -> str:
+    base = Path(cwd or os.getcwd()).absolute()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # Make a relative sqlite path absolute for the workers.
+            return f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
+        return uri
+    return default_tracking_uri()
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Absolute artifact location for a local sqlite store (None: let the server decide)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath("mlruns").absolute().as_uri()
+    return None
+
+
+def retry(fn: Callable[[], T], attempts: int = 8, what: str = "MLflow call") -> T:
+    """Retry transient MLflow failures (a locked SQLite database, a restarting server)."""
+    delay = 0.1
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # MLflow raises several types for the same transient conditions
+            text = str(e).lower()
+            transient = any(s in text for s in ("locked", "connection", "timed out", "temporarily", "503", "502"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if SECRET_KEY.search(k) else v) for k, v in params.items()}
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    c = client(tracking_uri)
+    exp = retry(lambda: c.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    artifact_root = default_artifact_root(tracking_uri)
+    try:
+        return retry(lambda: c.create_experiment(name, artifact_location=artifact_root))
+    except Exception:
+        # Another process created it first.
+        exp = retry(lambda: c.get_experiment_by_name(name))
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class MetricLogger:
+    """Logs metrics of one MLflow run from rank 0. Steps at or below the highest step already stored for
+    ``watermark_metric`` are skipped, so a resumed run that replays steps does not log them twice."""
+
+    def __init__(self, tracking_uri: str, run_id: str, watermark_metric: str = "train/loss"):
+        self.client = client(tracking_uri)
+        self.run_id = run_id
+        history = retry(lambda: self.client.get_metric_history(run_id, watermark_metric))
+        self.logged_through = max((m.step for m in history), default=-1)
+        self._buffer: list[Any] = []
+
+    def log(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.logged_through and not force:
+            return
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
+            chunk = batch[i:i + 900]
+            retry(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
