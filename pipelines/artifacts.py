@@ -81,11 +81,11 @@ def training_plots(client, run_id: str) -> dict[str, bytes]:
 def log_stage_artifacts(client, run_id: str, name: str, outputs: Any, result: Any) -> None:
     if outputs is None:
         return
-    if name == "tokenizer" and getattr(outputs, "tokenizer_uri", None):
-        _log_bytes(client, run_id, storage.read_bytes(outputs.tokenizer_uri), "tokenizer/tokenizer.json")
-    elif name == "shard" and getattr(outputs, "manifest", None):
-        _log_bytes(client, run_id, json.dumps(outputs.manifest, indent=2, default=str).encode(),
-                   "data/manifest.json")
+    if name == "tokenizer":
+        _log_bytes(client, run_id, storage.read_bytes(outputs.path), "tokenizer/tokenizer.json")
+    elif name == "shard":
+        manifest = storage.read_complete(outputs.uri)
+        _log_bytes(client, run_id, json.dumps(manifest, indent=2, default=str).encode(), "data/manifest.json")
     elif name == "pretrain":
         for plot_name, data in training_plots(client, run_id).items():
             _log_bytes(client, run_id, data, f"plots/{plot_name}")

@@ -174,6 +174,27 @@ class RunConfig:
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size * train.num_workers = {per_step}")
+        from k2model.schedule import validate_schedule
+
+        validate_schedule(t.steps, t.schedule, t.warmup_steps, t.decay_fraction, t.min_lr_ratio)
+        for name in ("num_workers", "micro_batch_size", "global_batch_size", "threads_per_worker", "eval_batches"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
+        for name in ("checkpoint_every", "eval_every", "max_failures"):
+            if getattr(t, name) < 0:
+                raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 0")
+        if t.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
+        if t.log_every < 1:
+            raise ValueError(f"train.log_every={t.log_every}: must be >= 1")
+        if t.cpus_per_worker <= 0:
+            raise ValueError(f"train.cpus_per_worker={t.cpus_per_worker}: must be > 0")
+        if d.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"data.on_bad_record={d.on_bad_record!r}: must be one of {BAD_RECORD_POLICIES}")
+        if d.seq_len < 2 or d.vocab_size < 8:
+            raise ValueError(f"data.seq_len={d.seq_len} / data.vocab_size={d.vocab_size}: too small")
+        if not 0 <= d.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={d.val_fraction}: must lie in [0, 1)")
         if t.fault_injection is not None and not re.fullmatch(r"\d+:\d+", t.fault_injection):
             raise ValueError(f"train.fault_injection={t.fault_injection!r}: expected 'rank:step', e.g. '1:20'")
 
@@ -206,13 +227,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{key}={value!r}: invalid value")
     if annotation is RopeScaling:
+        if isinstance(value, str):
+            value = _yaml_value(key, value)
         if isinstance(value, RopeScaling):
             return value
         if isinstance(value, dict):
             return RopeScaling(**value)
         raise ValueError(f"{key}={value!r}: expected a mapping of YaRN fields")
     if origin is tuple:
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip().startswith("["):
+            value = _yaml_value(key, value)
+        elif isinstance(value, str):
             value = [v for v in (x.strip() for x in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r}: expected a list")
@@ -251,24 +276,28 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _yaml_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"{key}={raw!r}: not a valid YAML value") from None
+
+
 def _section_fields(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["train.steps=200", "model.preset=tiny"]`` to a dict of dotted keys and raw YAML-parsed values."""
+    """``["train.steps=200", "model.preset=tiny"]`` to a dict of dotted keys and raw string values; the
+    values are converted to each field's declared type by ``build_config`` (so ``1:20`` stays a string
+    where a string is expected, instead of YAML's base-60 integer)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.steps=200")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key] = value
+        out[key.strip()] = raw
     return out
 
 

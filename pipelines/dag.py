@@ -124,7 +124,7 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
             print(f"[k2pipe] recorded MLflow runs of '{cfg.run_name}' not found ({type(e).__name__}); "
                   "creating new ones", flush=True)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    tags = {tracking.RUN_NAME_TAG: cfg.run_name, "mlflow.runName": cfg.run_name}
+    tags = {tracking.RUN_NAME_TAG: cfg.run_name}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -177,19 +177,19 @@ def _param_value(v: Any) -> str:
 def _stage_ingest(cfg: RunConfig, force: bool, _inputs: dict[str, Any]):
     from pipelines.ingest import run_ingest
 
-    return run_ingest(cfg, force=force)
+    return run_ingest(cfg.data, cfg.storage.root, force=force)
 
 
 def _stage_tokenizer(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
     from pipelines.tokenizer import run_tokenizer
 
-    return run_tokenizer(cfg, inputs["ingest"], force=force)
+    return run_tokenizer(cfg.data, inputs["ingest"], cfg.storage.root, force=force)
 
 
 def _stage_shard(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
     from pipelines.shard import run_shard
 
-    return run_shard(cfg, inputs["ingest"], inputs["tokenizer"], force=force)
+    return run_shard(cfg.data, inputs["ingest"], inputs["tokenizer"], cfg.storage.root, force=force)
 
 
 def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], tracking_record=None):
@@ -197,7 +197,7 @@ def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], trackin
 
     shard = inputs["shard"]
     record = tracking_record or {}
-    return run_pretrain_stage(cfg, shard.uri, shard.manifest, force=force,
+    return run_pretrain_stage(cfg, shard.uri, shard, force=force,
                               mlflow_run_id=(record.get("stage_run_ids") or {}).get("pretrain"),
                               tracking_uri=record.get("tracking_uri"))
 
@@ -207,7 +207,7 @@ def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
 
     shard = inputs["shard"]
     pretrain = inputs["pretrain"]
-    return run_evaluate(cfg, pretrain.checkpoint_uri, shard.uri, shard.manifest, force=force,
+    return run_evaluate(cfg, pretrain.checkpoint_uri, shard.uri, shard, force=force,
                         checkpoint_version=pretrain.completed_at)
 
 
@@ -215,7 +215,7 @@ def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
     from pipelines.evaluate import run_export
 
     pretrain = inputs["pretrain"]
-    return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].tokenizer_uri, force=force,
+    return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].path, force=force,
                       checkpoint_version=pretrain.completed_at)
 
 

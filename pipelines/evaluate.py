@@ -57,8 +57,9 @@ class ExportOutputs:
 
 def _val_windows(shard_stage_uri: str, manifest: dict[str, Any], seq_len: int, max_windows: int):
     from pipelines.loader import ShardRef, WindowReader
-    from pipelines.pretrain import shard_refs
+    from pipelines.pretrain import as_manifest_dict, shard_refs
 
+    manifest = as_manifest_dict(manifest)
     refs = [ShardRef(**r) for r in shard_refs(shard_stage_uri, manifest, "val")]
     if not refs:
         return
@@ -75,6 +76,9 @@ def _val_windows(shard_stage_uri: str, manifest: dict[str, Any], seq_len: int, m
 def run_evaluate(cfg: RunConfig, checkpoint_uri: str, shard_stage_uri: str, manifest: dict[str, Any],
                  force: bool = False, max_windows: int = 256, batch_size: int = 8,
                  checkpoint_version: Any = None) -> EvaluateOutputs:
+    from pipelines.pretrain import as_manifest_dict
+
+    manifest = as_manifest_dict(manifest)
     fp = storage.fingerprint({"checkpoint": checkpoint_uri, "version": checkpoint_version,
                               "data": manifest.get("config_hash"), "max_windows": max_windows})
     out = storage.stage_dir(cfg.storage.root, "evaluate", fp)

@@ -33,16 +33,22 @@ class PretrainOutputs:
     reused: bool = False
 
 
+def as_manifest_dict(manifest: Any) -> dict[str, Any]:
+    """The shard stage's manifest (``pipelines.shard.ShardManifest`` or its JSON form) as a plain dict."""
+    return dataclasses.asdict(manifest) if dataclasses.is_dataclass(manifest) else dict(manifest)
+
+
 def pretrain_fingerprint(cfg: RunConfig, manifest: dict[str, Any]) -> str:
     return storage.fingerprint({"math": math_signature(cfg), "data": manifest.get("config_hash"),
-                                "tokenizer": manifest.get("tokenizer_hash"),
-                                "max_failures": cfg.train.max_failures})
+                                "tokenizer": manifest.get("tokenizer_sha256")})
 
 
 def shard_refs(shard_stage_uri: str, manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     """The manifest's shards of one split as ``{"uri", "rows"}`` records for the workers."""
-    info = manifest["splits"][split]
-    return [{"uri": storage.join(shard_stage_uri, s["path"]), "rows": int(s["rows"])} for s in info["shards"]]
+    info = manifest["splits"].get(split)
+    if not info:
+        return []
+    return [{"uri": storage.join(shard_stage_uri, s["path"]), "rows": int(s["num_rows"])} for s in info["shards"]]
 
 
 def validate_against_data(cfg: RunConfig, manifest: dict[str, Any], where: str) -> None:
@@ -53,7 +59,7 @@ def validate_against_data(cfg: RunConfig, manifest: dict[str, Any], where: str) 
     if manifest.get("seq_len") != cfg.data.seq_len:
         raise ValueError(f"{where}: shards hold windows of seq_len={manifest.get('seq_len')} but data.seq_len="
                          f"{cfg.data.seq_len}; re-run the shard stage or set data.seq_len to match")
-    windows = manifest["splits"]["train"]["windows"]
+    windows = manifest["splits"]["train"]["num_windows"]
     if windows < cfg.train.global_batch_size:
         raise ValueError(f"{where}: the training split has {windows} windows, fewer than one global batch "
                          f"(train.global_batch_size={cfg.train.global_batch_size}); use more data or a smaller "
@@ -70,6 +76,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    manifest = as_manifest_dict(manifest)
     validate_against_data(cfg, manifest, shard_stage_uri)
     fp = pretrain_fingerprint(cfg, manifest)
     run_root = storage.run_dir(cfg.storage.root, cfg.run_name)
@@ -87,7 +94,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "train_shards": shard_refs(shard_stage_uri, manifest, "train"),
-        "val_shards": shard_refs(shard_stage_uri, manifest, "val") if manifest["splits"].get("val") else [],
+        "val_shards": shard_refs(shard_stage_uri, manifest, "val"),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "use_gpu": use_gpu,
@@ -128,6 +135,7 @@ def run_pretrain_stage(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str,
                        mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> PretrainOutputs:
     """The DAG's pretrain stage: reuse a finished run (``_COMPLETE.json`` in its folder), otherwise run or
     resume it; ``force`` deletes the run's folder and trains from scratch."""
+    manifest = as_manifest_dict(manifest)
     validate_against_data(cfg, manifest, shard_stage_uri)
     fp = pretrain_fingerprint(cfg, manifest)
     run_dir = storage.join(storage.run_dir(cfg.storage.root, cfg.run_name), ray_train_run_name(cfg, fp))

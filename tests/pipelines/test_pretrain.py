@@ -1,0 +1,242 @@
+"""Pretraining on Ray Train: exact resume after a killed worker or a killed job, S3 checkpoints, partial
+checkpoints ignored, storage outages survived, and what each rank reads back."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from pipelines import checkpointing, storage
+from pipelines.config import load_config
+from pipelines.pretrain import run_pretrain, validate_against_data
+
+SEQ = 32
+VOCAB = 256
+
+
+def write_shards(root: str, num_shards: int = 2, rows: int = 48) -> dict:
+    """Synthetic packed shards with learnable structure, in the manifest layout of the shard stage."""
+    fs, path = storage.resolve(root)
+    fs.create_dir(path, recursive=True)
+    shards = []
+    for s in range(num_shards):
+        data = [((np.arange(SEQ + 1) * (i % 7 + 1) + i + s) % 200).astype(np.int32) for i in range(rows)]
+        table = pa.table({"input_ids": pa.array([list(r) for r in data], type=pa.list_(pa.int32()))})
+        with fs.open_output_stream(f"{path}/train-{s:05d}.parquet") as f:
+            pq.write_table(table, f, row_group_size=16)
+        shards.append({"path": f"train-{s:05d}.parquet", "num_rows": rows})
+    return {"seq_len": SEQ, "vocab_size": VOCAB, "config_hash": "synthetic", "tokenizer_sha256": "synthetic",
+            "splits": {"train": {"num_windows": rows * num_shards, "shards": shards},
+                       "val": {"num_windows": rows, "shards": shards[:1]}}}
+
+
+def make_config(store: str, *extra: str, workers: int = 1, ep: int = 1, name: str = "t"):
+    return load_config(None, [
+        f"storage.root={store}", f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", f"data.seq_len={SEQ}",
+        "model.max_seq_len=64", f"train.num_workers={workers}", f"train.ep={ep}", "train.steps=8",
+        "train.micro_batch_size=2", "train.global_batch_size=8", "train.checkpoint_every=4", "train.log_every=2",
+        "train.eval_every=4", "train.warmup_steps=2", "train.cpus_per_worker=0.5", "train.max_failures=1",
+        "tracking.enabled=false", *extra], run_name=name)
+
+
+def final_shards(checkpoint_uri: str, world: int) -> list[dict]:
+    return [torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_uri, f"rank-{r:05d}.pt"))),
+                       weights_only=False) for r in range(world)]
+
+
+def assert_same_training_state(a: list[dict], b: list[dict]) -> None:
+    for sa, sb in zip(a, b):
+        assert sa["step"] == sb["step"]
+        for name, tensor in sa["model"].items():
+            assert torch.equal(tensor, sb["model"][name]), name
+        flat_a, flat_b = _flat(sa["optimizer"]), _flat(sb["optimizer"])
+        assert flat_a.keys() == flat_b.keys()
+        for key in flat_a:
+            assert torch.equal(flat_a[key], flat_b[key]), key
+
+
+def _flat(obj, prefix=""):
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flat(v, f"{prefix}/{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shards"))
+    return root, write_shards(root)
+
+
+@pytest.fixture(scope="module")
+def reference_ep2(ray_local, data, tmp_path_factory):
+    """An uninterrupted 2-worker expert-parallel run."""
+    root, manifest = data
+    cfg = make_config(str(tmp_path_factory.mktemp("ref")), workers=2, ep=2)
+    out = run_pretrain(cfg, root, manifest)
+    return out, final_shards(out.checkpoint_uri, 2)
+
+
+def test_uninterrupted_run_trains_and_keeps_replicas_identical(reference_ep2):
+    out, shards = reference_ep2
+    assert out.step == 8
+    # Replicated parameters are identical on both ranks; each rank holds half of every expert stack.
+    for name, tensor in shards[0]["model"].items():
+        if ".mlp.experts." in name:
+            assert tensor.shape[0] == 8 and not torch.equal(tensor, shards[1]["model"][name])
+        else:
+            assert torch.equal(tensor, shards[1]["model"][name]), name
+    assert out.metrics["train/loss"] < 5.3  # ln(256) = 5.55 at init
+
+
+def test_killed_worker_resumes_exactly(reference_ep2, data, tmp_path):
+    root, manifest = data
+    cfg = make_config(str(tmp_path), "train.fault_injection=1:6", workers=2, ep=2)
+    out = run_pretrain(cfg, root, manifest)
+    assert storage.exists(storage.join(out.run_dir, "fault-injected-rank1-step6")), "the fault never fired"
+    assert_same_training_state(final_shards(out.checkpoint_uri, 2), reference_ep2[1])
+
+
+def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local, data, tmp_path):
+    root, manifest = data
+    reference = run_pretrain(make_config(str(tmp_path / "ref")), root, manifest)
+    crashing = make_config(str(tmp_path / "run"), "train.fault_injection=0:6", "train.max_failures=0")
+    with pytest.raises(Exception):
+        run_pretrain(crashing, root, manifest)
+    run_folder = storage.join(storage.run_dir(crashing.storage.root, "t"))
+    assert any("checkpoint-step00000004" in p for p in storage.list_files(run_folder))
+    # Same run name and config (the fault fired once already): Ray Train finds the run and resumes.
+    resumed = run_pretrain(crashing, root, manifest)
+    assert_same_training_state(final_shards(resumed.checkpoint_uri, 1),
+                               final_shards(reference.checkpoint_uri, 1))
+
+
+def test_checkpoints_through_s3_survive_an_outage(ray_local, data, tmp_path, monkeypatch):
+    """Checkpoints go to an S3 server on 127.0.0.1 that is stopped for a few seconds while the first
+    checkpoint uploads: training goes on, the upload retries, and later checkpoints land."""
+    import threading
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    root, manifest = data
+    first = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    first.start()
+    host, port = first.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    servers = [first]
+    outage_seen = threading.Event()
+
+    def outage():
+        fs, path = storage.resolve("s3://outage/k2")
+        deadline = time.time() + 180
+        while time.time() < deadline and not any("fault" in p or "checkpoint-step00000002/" in p
+                                                  for p in _list(fs, path)):
+            time.sleep(0.05)
+        servers[0].stop()
+        outage_seen.set()
+        time.sleep(4)
+        again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        again.start()
+        servers[0] = again
+
+    # Ray workers inherit the driver's environment through the runtime env of this module's Ray instance
+    # only for new processes; pass the endpoint explicitly.
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")}})
+    try:
+        cfg = make_config("s3://outage/k2", "train.steps=12", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        out = run_pretrain(cfg, root, manifest)
+        thread.join(timeout=30)
+        assert outage_seen.is_set()
+        files = storage.list_files(out.run_dir)
+        kept = sorted({p.split("checkpoint-step")[1][:8] for p in files if "checkpoint-step" in p})
+        assert kept[-1] == "00000012" and len(kept) <= 3, kept
+        assert storage.exists(storage.join(out.checkpoint_uri, "meta.json"))
+        assert out.checkpoint_uri.startswith("s3://outage/")
+    finally:
+        servers[0].stop()
+
+
+def _list(fs, path):
+    import pyarrow.fs as pafs
+
+    try:
+        return [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    except OSError:
+        return []
+
+
+def test_rank_reads_only_meta_and_its_own_shard(reference_ep2):
+    out, _ = reference_ep2
+    fs, path = storage.resolve(out.checkpoint_uri)
+    opened: list[str] = []
+
+    class RecordingFS:
+        def __getattr__(self, name):
+            attr = getattr(fs, name)
+            if name.startswith("open_input"):
+                def wrapper(p, *a, **k):
+                    opened.append(p)
+                    return attr(p, *a, **k)
+                return wrapper
+            return attr
+
+    class Ckpt:
+        filesystem = RecordingFS()
+
+    Ckpt.path = path
+    from pipelines.train_loop import math_signature
+
+    cfg = make_config("/unused", workers=2, ep=2)
+    state = checkpointing.load_rank_state(Ckpt(), 1, math_signature(cfg), 2, 2)
+    assert state["step"] == 8
+    assert [p.rsplit("/", 1)[1] for p in opened] == ["meta.json", "rank-00001.pt"]
+    # A config that changes the math is refused, naming the key.
+    changed = make_config("/unused", "train.lr=0.1", workers=2, ep=2)
+    with pytest.raises(ValueError, match="train.lr"):
+        checkpointing.load_rank_state(Ckpt(), 1, math_signature(changed), 2, 2)
+    with pytest.raises(ValueError, match="ep="):
+        checkpointing.load_rank_state(Ckpt(), 0, math_signature(cfg), 2, 1)
+
+
+def test_validation_before_launch(data):
+    root, manifest = data
+    cfg = make_config("/unused")
+    with pytest.raises(ValueError, match="data.seq_len"):
+        validate_against_data(make_config("/unused", "data.seq_len=16"), manifest, root)
+    big = {**manifest, "vocab_size": 4096}
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        validate_against_data(cfg, big, root)
+    with pytest.raises(ValueError, match="train.ep"):
+        make_config("/unused", workers=2, ep=3)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        make_config("/unused", "train.global_batch_size=6", workers=2)
