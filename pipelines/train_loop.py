@@ -15,6 +15,7 @@ rank in the background and registered with Ray Train only once every rank's shar
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -37,9 +38,11 @@ MATH_KEYS = ("data.seq_len", "data.vocab_size", "train.global_batch_size", "trai
 
 
 def math_signature(cfg: RunConfig) -> dict[str, Any]:
+    """The config values a checkpoint must agree with, in their JSON form (tuples become lists)."""
     flat = cfg.flat()
-    return {k: v for k, v in flat.items() if k.split(".")[0] in MATH_SECTIONS and k != "model.preset"
-            or k in MATH_KEYS}
+    sig = {k: v for k, v in flat.items() if k.split(".")[0] in MATH_SECTIONS and k != "model.preset"
+           or k in MATH_KEYS}
+    return json.loads(json.dumps(sig, default=str))
 
 
 @dataclass

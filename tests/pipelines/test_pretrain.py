@@ -120,7 +120,9 @@ def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local
     root, manifest = data
     reference = run_pretrain(make_config(str(tmp_path / "ref")), root, manifest)
     crashing = make_config(str(tmp_path / "run"), "train.fault_injection=0:6", "train.max_failures=0")
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         run_pretrain(crashing, root, manifest)
     run_folder = storage.join(storage.run_dir(crashing.storage.root, "t"))
     assert any("checkpoint-step00000004" in p for p in storage.list_files(run_folder))

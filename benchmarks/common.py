@@ -1,0 +1,120 @@
+"""Shared plumbing of the benchmarks: every one runs as ``python -m benchmarks.NAME [--quick] --out FILE.json``,
+prints a short table and writes its figures as JSON. Timings are medians of repeated runs measured side
+by side in one process, because this machine is shared and noisy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(description: str, argv: list[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a smaller run that finishes in about a minute")
+    p.add_argument("--out", default=None, help="write the figures as JSON to this file")
+    if extra:
+        extra(p)
+    return p.parse_args(argv)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+    results = {**results, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps(results, indent=2, default=float)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"wrote {path}")
+
+
+def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+            ) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+class PeakRSS:
+    """Samples the summed resident memory of a process tree (the current process and its children, or
+    the given pids) in a background thread; ``peak`` is the largest sum seen."""
+
+    def __init__(self, pids: Callable[[], list[int]] | None = None, interval: float = 0.05):
+        self.pids = pids
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        procs: list[psutil.Process] = []
+        if self.pids is not None:
+            for pid in self.pids():
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+        else:
+            me = psutil.Process()
+            procs = [me, *me.children(recursive=True)]
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
