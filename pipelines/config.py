@@ -95,6 +95,9 @@ class TrainConfig:
     """Seed of the weight init and the data order."""
     fault_injection: str | None = None
     """``rank:step``: crash that rank once when it reaches that step (tests only)."""
+    nan_injection: str | None = None
+    """``rank:step[:count]``: make that rank's loss NaN at ``count`` steps from ``step``, each step once
+    per process (tests of the non-finite-step handling only)."""
     log_every: int = 10
     """Steps between metric logs."""
     eval_every: int = 50
@@ -195,6 +198,8 @@ class RunConfig:
             raise ValueError(f"data.seq_len={d.seq_len} / data.vocab_size={d.vocab_size}: too small")
         if not 0 <= d.val_fraction < 1:
             raise ValueError(f"data.val_fraction={d.val_fraction}: must lie in [0, 1)")
+        if t.nan_injection is not None and not re.fullmatch(r"\d+:\d+(:\d+)?", t.nan_injection):
+            raise ValueError(f"train.nan_injection={t.nan_injection!r}: expected 'rank:step' or 'rank:step:count'")
         if t.fault_injection is not None and not re.fullmatch(r"\d+:\d+", t.fault_injection):
             raise ValueError(f"train.fault_injection={t.fault_injection!r}: expected 'rank:step', e.g. '1:20'")
 

@@ -293,8 +293,9 @@ def init_ray(cfg: RunConfig, ray_address: str | None = None) -> None:
     # Logical CPUs: enough for the Ray Train workers, the tokenizer pool and the reads at once, so a
     # 2-core machine never deadlocks on CPU reservations (the OS shares the real cores).
     wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.num_workers + 2
-    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False,
-             runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
+    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, log_to_driver=True)
 
 
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,

@@ -106,6 +106,13 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.autocast = self.device.type == "cuda"
+        self._nan_steps: set[int] = set()
+        self.recovered_from_divergence = False
+        if cfg.train.nan_injection:
+            rank_s, step_s, *count = cfg.train.nan_injection.split(":")
+            if int(rank_s) == rank:
+                first = int(step_s)
+                self._nan_steps = set(range(first, first + (int(count[0]) if count else 1)))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -154,6 +161,9 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(inputs, targets)
+            if self.step in self._nan_steps and micro == 0:
+                self._nan_steps.discard(self.step)  # each injected step fires once per process
+                out.loss = out.loss * float("nan")
             (out.loss / self.accum).backward()
             loss_sum += out.loss.item()
             lm_sum += out.lm_loss.item()
@@ -264,6 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from pipelines.tracking import MetricLogger
 
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        system_metrics = _start_system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
     peak_flops = measure_matmul_flops(torch.bfloat16 if device.type == "cuda" else torch.float32,
                                       device=device.type)
     fault = _parse_fault(t.fault_injection)
@@ -309,6 +320,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ckpt.poll_and_register(final=True)
     if logger is not None:
         logger.flush()
+        if system_metrics is not None:
+            system_metrics.finish()
+
+
+def _start_system_metrics(tracking_uri: str, run_id: str):
+    """CPU, memory, disk and network of rank 0's node into the pretrain run (psutil); best effort."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # never let monitoring stop training
+        print(f"[k2pipe] system metrics are off: {e}", flush=True)
+        return None
 
 
 def _parse_fault(spec: str | None) -> tuple[int, int] | None:
@@ -338,14 +365,17 @@ def _maybe_inject_fault(fault, rank: int, step: int, storage) -> None:
 def _recover_from_divergence(trainer: Trainer, ckpt, step: int) -> None:
     """After ``max_bad_steps`` non-finite steps in a row, restore the latest checkpoint once; if it
     happens again, stop with an error naming the step."""
-    if getattr(trainer, "_recovered", False):
+    if trainer.recovered_from_divergence:
         raise NonFiniteError(
             f"training diverged again at step {step} after restoring the latest checkpoint: "
             f"{trainer.cfg.train.max_bad_steps} non-finite steps in a row")
+    ckpt.poll_and_register(final=True)  # every rank is here: the skip decision was agreed by all
     state = ckpt.load_latest_registered()
     if state is None:
         raise NonFiniteError(f"training diverged at step {step} ({trainer.cfg.train.max_bad_steps} non-finite "
                              "steps in a row) and there is no checkpoint to restore")
+    skipped = trainer.skipped_total
     trainer.load_state_dict(state)
-    trainer._recovered = True
+    trainer.skipped_total = skipped  # the count of skipped steps survives the restore
+    trainer.recovered_from_divergence = True
     print(f"[k2pipe] restored the checkpoint of step {trainer.step} after non-finite steps", flush=True)

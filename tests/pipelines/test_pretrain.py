@@ -132,6 +132,24 @@ def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local
                                final_shards(reference.checkpoint_uri, 1))
 
 
+def test_non_finite_steps_are_skipped_then_the_latest_checkpoint_restored(ray_local, data, tmp_path):
+    root, manifest = data
+    reference = run_pretrain(make_config(str(tmp_path / "ref")), root, manifest)
+    # Steps 5-7 produce a NaN loss on rank 0: skipped on every rank; after 3 in a row the run restores the
+    # checkpoint of step 4 and replays 5-7 cleanly, ending exactly where an undisturbed run ends.
+    cfg = make_config(str(tmp_path / "nan"), "train.nan_injection=0:5:3", "train.max_bad_steps=3")
+    out = run_pretrain(cfg, root, manifest)
+    assert_same_training_state(final_shards(out.checkpoint_uri, 1), final_shards(reference.checkpoint_uri, 1))
+    assert final_shards(out.checkpoint_uri, 1)[0]["skipped_total"] == 3
+    # Diverging again after the restore stops the run with an error that names the step.
+    again = make_config(str(tmp_path / "nan2"), "train.nan_injection=0:5:6", "train.max_bad_steps=3",
+                        "train.max_failures=0", "train.steps=12")
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="diverged again at step 10"):
+        run_pretrain(again, root, manifest)
+
+
 def test_checkpoints_through_s3_survive_an_outage(ray_local, data, tmp_path, monkeypatch):
     """Checkpoints go to an S3 server on 127.0.0.1 that is stopped for a few seconds while the first
     checkpoint uploads: training goes on, the upload retries, and later checkpoints land."""
