@@ -57,7 +57,9 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E:
     """Row block e of ``x_MI`` (rows sorted by expert, ``tokens_per_expert_E[e]`` of them) times
     ``w_EOI[e]^T``, for all experts in one grouped kernel (no Python loop over experts)."""
     if x_MI.shape[0] == 0:
-        return x_MI.new_zeros(0, w_EOI.shape[1]) + 0 * w_EOI.sum()
+        # No rows on this rank: keep the graph connected to the input and the weights so every expert
+        # parameter gets a (zero) gradient and the backward all-to-all runs on every rank.
+        return x_MI.new_zeros(0, w_EOI.shape[1]) + 0 * (w_EOI.sum() + x_MI.sum())
     if _grouped_mm_supported(x_MI, w_EOI):
         offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offsets))

@@ -1,0 +1,307 @@
+"""Data + expert parallelism, applied to the model from outside (the torchtitan ``parallelize`` idea).
+
+Layout of W ranks with expert-parallel degree ``ep`` (ep divides W and the number of routed experts):
+
+- every rank reads different data; every parameter except the routed experts is replicated on all W
+  ranks (their data-parallel group is the whole world);
+- **ep group** g = ranks ``[g * ep, (g + 1) * ep)``: together they hold each routed expert exactly once
+  (ep index i holds experts ``[i * E / ep, (i + 1) * E / ep)`` of every MoE layer) and exchange tokens
+  with ``AllToAllDispatcher``;
+- **expert replica group** i = ranks ``{i, i + ep, i + 2 ep, ...}``: the ``W / ep`` ranks that hold the
+  same experts (the data-parallel group of those experts).
+
+Gradient rule. Each rank backpropagates the mean loss of its own tokens, and the global loss is the mean
+over ranks, L = (1/W) sum_r L_r (equal to the mean over all tokens when every rank has as many):
+
+- replicated parameter: dL/dp = (1/W) sum_r dL_r/dp, so all-reduce SUM over all ranks and divide by W;
+- expert parameter: the backward all-to-all already returns to the holder the contributions of every
+  rank of its ep group that routed tokens to it, so its local gradient is sum_{r in ep group} dL_r/dp;
+  all-reduce SUM over the expert replica group (which covers the other ep groups) and divide by W, not
+  by the number of replicas.
+
+Per-step use by the trainer (after ``torch.distributed.init_process_group``)::
+
+    layout = ParallelLayout(dist.get_world_size(), dist.get_rank(), ep)
+    model = build_parallel_model(cfg, seed, layout)          # once
+    optimizer = build_optimizer(model, opt_cfg, lr, rank_local=expert_param_names(model))  # k2model.optim
+    for micro_batch in step:                                  # every rank runs as many micro-batches
+        (model(x, y).loss / num_micro_batches).backward()
+    sync_gradients(model, layout)                             # before clipping and the optimizer
+    grad_norm = clip_grad_norm_(model, layout, max_norm)      # equal on every rank
+    if all_ranks_finite(torch.isfinite(grad_norm) & torch.isfinite(loss)):
+        optimizer.step()
+    update_router_bias(model.routers(), sum_expert_load(model, layout), rate)   # k2model.moe
+    model.reset_expert_load(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from k2model.config import ModelConfig
+from k2model.dispatch import AllToAllDispatcher, ExpertDispatcher
+from k2model.model import K2ForCausalLM, build_model
+from k2model.moe import GroupedExperts
+
+DEFAULT_BUCKET_NUMEL = 1 << 24
+"""Elements per all-reduce buffer in ``sync_gradients`` (64 MiB in fp32)."""
+
+
+class ParallelLayout:
+    """Which ranks hold which experts, and the process groups for it.
+
+    With ``create_groups`` (the default) and more than one rank, the constructor calls
+    ``dist.new_group`` for every ep group and then every expert replica group, in the same order on all
+    ranks, so every rank must construct its layout at the same point; ``torch.distributed`` must already
+    be initialised with this world size. ``create_groups=False`` gives the rank arithmetic alone.
+    A group that is the whole world is ``dist.group.WORLD``; a group of one rank is ``None`` (nothing to
+    communicate)."""
+
+    def __init__(self, world_size: int, rank: int, ep: int = 1, *, timeout: timedelta | None = None,
+                 create_groups: bool = True):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if ep < 1 or world_size % ep:
+            raise ValueError(f"expert-parallel degree ep={ep} must be >= 1 and divide "
+                             f"world_size={world_size}")
+        self.world_size = world_size
+        self.rank = rank
+        self.ep = ep
+        self.ep_group: dist.ProcessGroup | None = None
+        """This rank's ep group (token exchange; sums of expert statistics)."""
+        self.expert_replica_group: dist.ProcessGroup | None = None
+        """The ranks holding the same experts as this one (expert gradient all-reduce)."""
+        self.has_groups = False
+        if create_groups and world_size > 1:
+            self._create_groups(timeout)
+
+    # ------------------------------------------------------------------ rank arithmetic
+    @property
+    def ep_rank(self) -> int:
+        """This rank's index inside its ep group (which slice of the experts it holds)."""
+        return self.rank % self.ep
+
+    @property
+    def ep_group_index(self) -> int:
+        return self.rank // self.ep
+
+    @property
+    def num_expert_replicas(self) -> int:
+        """How many ranks hold each expert (the number of ep groups)."""
+        return self.world_size // self.ep
+
+    def ep_group_ranks(self, index: int | None = None) -> list[int]:
+        g = self.ep_group_index if index is None else index
+        return list(range(g * self.ep, (g + 1) * self.ep))
+
+    def expert_replica_ranks(self, ep_rank: int | None = None) -> list[int]:
+        i = self.ep_rank if ep_rank is None else ep_rank
+        return list(range(i, self.world_size, self.ep))
+
+    def check_num_experts(self, num_experts: int) -> None:
+        if num_experts % self.ep:
+            raise ValueError(f"expert-parallel degree ep={self.ep} must divide num_experts={num_experts}")
+
+    def local_experts(self, num_experts: int) -> range:
+        """Global ids of the experts this rank holds."""
+        self.check_num_experts(num_experts)
+        per_rank = num_experts // self.ep
+        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+
+    def __repr__(self) -> str:
+        return f"ParallelLayout(world_size={self.world_size}, rank={self.rank}, ep={self.ep})"
+
+    # ------------------------------------------------------------------ process groups
+    def _create_groups(self, timeout: timedelta | None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelLayout needs torch.distributed.init_process_group to be called first "
+                               "(or create_groups=False)")
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ValueError(f"layout says world_size={self.world_size}, rank={self.rank} but the "
+                             f"process group has world_size={dist.get_world_size()}, rank={dist.get_rank()}")
+        self.ep_group = self._make_group([self.ep_group_ranks(g) for g in range(self.num_expert_replicas)],
+                                         timeout)
+        self.expert_replica_group = self._make_group([self.expert_replica_ranks(i) for i in range(self.ep)],
+                                                     timeout)
+        self.has_groups = True
+
+    def _make_group(self, all_ranks: list[list[int]], timeout: timedelta | None) -> dist.ProcessGroup | None:
+        """Every rank walks the same list (new_group is collective over the world) and keeps its own."""
+        size = len(all_ranks[0])
+        if size == 1:
+            return None
+        if size == self.world_size:
+            return dist.group.WORLD
+        mine = None
+        for ranks in all_ranks:
+            group = dist.new_group(ranks, timeout=timeout)
+            if self.rank in ranks:
+                mine = group
+        return mine
+
+    def _need_groups(self) -> None:
+        if self.world_size > 1 and not self.has_groups:
+            raise RuntimeError(f"{self!r} was built with create_groups=False: it has no process groups")
+
+
+# ---------------------------------------------------------------------- model
+def build_parallel_model(cfg: ModelConfig, seed: int, layout: ParallelLayout,
+                         device: torch.device | str | None = None) -> K2ForCausalLM:
+    """The model with this rank's slice of the experts and an ``AllToAllDispatcher`` per MoE layer
+    (ep > 1), initialised so that every tensor equals the matching slice of the single-process model
+    built with the same seed. Replicated parameters come out identical on every rank."""
+    layout.check_num_experts(cfg.num_experts)
+    dispatchers: list[ExpertDispatcher] | None = None
+    if layout.ep > 1:
+        layout._need_groups()
+        dispatchers = [AllToAllDispatcher(cfg.num_experts, layout.ep_group)
+                       for _ in range(cfg.num_moe_layers)]
+    return build_model(cfg, seed, dispatchers, device)
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the rank-local parameters (the stacked routed experts), in ``named_parameters`` order;
+    every other parameter is replicated on all ranks."""
+    local = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            local.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters())
+    return [n for n, _ in model.named_parameters() if n in local]
+
+
+def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated, expert) trainable parameters, each in ``named_parameters`` order (the same on every
+    rank, which is what keeps the bucketed collectives aligned)."""
+    local = set(expert_param_names(model))
+    replicated, experts = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (experts if name in local else replicated).append(p)
+    return replicated, experts
+
+
+# ---------------------------------------------------------------------- gradients
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Gradients, with zeros for parameters that received none, so every rank reduces the same layout."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-(device, dtype) tensors of about ``bucket_numel`` elements each."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]] = {}
+    for t in tensors:
+        runs = by_kind.setdefault((t.device, t.dtype), [[]])
+        if runs[-1] and sum(x.numel() for x in runs[-1]) + t.numel() > bucket_numel:
+            runs.append([])
+        runs[-1].append(t)
+    return [run for runs in by_kind.values() for run in runs if run]
+
+
+def _all_reduce_average(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, divisor: int,
+                        bucket_numel: int) -> None:
+    """In place: t <- (sum of t over ``group``) / divisor, one collective per bucket. Low-precision
+    gradients are reduced in fp32 so the sum over many ranks does not lose bits."""
+    for bucket in _buckets(tensors, bucket_numel):
+        reduce_dtype = torch.promote_types(bucket[0].dtype, torch.float32)
+        flat = torch.cat([t.reshape(-1).to(reduce_dtype) for t in bucket])
+        if group is not None:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(divisor)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, layout: ParallelLayout,
+                   bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
+    """Turn each rank's gradient of its local mean loss into the gradient of the global mean loss (see
+    the module docstring): replicated parameters averaged over all ranks, expert parameters summed over
+    their replica group and divided by the world size. Call once per step, after the last backward."""
+    layout._need_groups()
+    replicated, experts = _split_params(model)
+    if layout.world_size == 1:
+        _grads(replicated + experts)
+        return
+    _all_reduce_average(_grads(replicated), dist.group.WORLD, layout.world_size, bucket_numel)
+    _all_reduce_average(_grads(experts), layout.expert_replica_group, layout.world_size, bucket_numel)
+
+
+def _collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a small tensor must live to go through ``group``'s backend (gloo: CPU, else the GPU)."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        total += torch.linalg.vector_norm(g, dtype=torch.float32).square().to(device)
+    return total
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, layout: ParallelLayout) -> torch.Tensor:
+    """L2 norm of the whole model's gradient after ``sync_gradients``: each replicated parameter counted
+    once, each expert counted once (squares summed over the ep group). An fp32 scalar, the same on every
+    rank (identical inputs and one reduction), so all ranks clip and skip alike."""
+    layout._need_groups()
+    replicated, experts = _split_params(model)
+    device = _collective_device() if layout.world_size > 1 else torch.device("cpu")
+    expert_sq = _sum_of_squares([p.grad for p in experts if p.grad is not None], device)
+    if layout.ep_group is not None:
+        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=layout.ep_group)
+    replicated_sq = _sum_of_squares([p.grad for p in replicated if p.grad is not None], device)
+    return (replicated_sq + expert_sq).sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, layout: ParallelLayout, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / global norm) and return the global norm (pre-clip).
+    With a non-finite norm the gradients become non-finite too: skip the step (``all_ranks_finite``)."""
+    norm = global_grad_norm(model, layout)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].device))
+    return norm
+
+
+# ---------------------------------------------------------------------- step statistics
+@torch.no_grad()
+def sum_expert_load(model: K2ForCausalLM, layout: ParallelLayout) -> torch.Tensor:
+    """Tokens routed to each expert summed over every rank, [moe_layers, E] fp64 (exact counts): the
+    input of ``update_router_bias``, identical on all ranks so the biases stay identical."""
+    layout._need_groups()
+    load_LE = model.expert_load().to(torch.float64)
+    if layout.world_size > 1:
+        device = load_LE.device
+        load_LE = load_LE.to(_collective_device())
+        dist.all_reduce(load_LE, op=dist.ReduceOp.SUM)
+        load_LE = load_LE.to(device)
+    return load_LE
+
+
+def all_ranks_finite(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
+    """True only if every rank's ``flag`` is true: a ``bool`` or bool tensor is the flag itself (all
+    elements), a floating tensor means "all its values are finite". Call it on every rank; ``group``
+    defaults to the world."""
+    if isinstance(flag, torch.Tensor):
+        ok = bool(flag.all()) if flag.dtype == torch.bool else bool(torch.isfinite(flag).all())
+    else:
+        ok = bool(flag)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return ok
+    agreed = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device(group))
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    return bool(agreed.item())

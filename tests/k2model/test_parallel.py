@@ -1,0 +1,245 @@
+"""Data + expert parallel training on gloo ranks equals single-process training on the whole batch.
+
+Each parallel run trains ``tiny`` for a few steps with every rank reading its slice of the global batch;
+the reference trains the single-process model on the same global batch as one micro-batch per rank
+slice, each loss divided by the number of slices (so its loss is the mean of the rank means). Compared:
+the gradients after ``sync_gradients`` and before clipping, the global gradient norm, the loss, the
+summed expert load, the router biases after ``update_router_bias`` and the parameters after the last
+SGD step. Replicated parameters and router biases must be bit-identical across ranks.
+
+Layouts: 2 ranks with ep=2 (expert parallel), 2 ranks with ep=1 (pure data parallel) and 4 ranks with
+ep=2 (two ep groups: the case where expert gradients are summed over a replica group of 2).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from k2model.config import preset_config
+from k2model.model import build_model
+from k2model.moe import update_router_bias
+from k2model.parallel import (
+    ParallelLayout,
+    all_ranks_finite,
+    build_parallel_model,
+    clip_grad_norm_,
+    expert_param_names,
+    sum_expert_load,
+    sync_gradients,
+)
+from tests.k2model.dist_utils import WorkerError, run_workers, torch_threads
+
+CFG = preset_config("tiny")
+SEED = 3
+SEQ = 16
+GLOBAL_BATCH = 4
+LR = 0.5
+MAX_NORM = 0.3
+BIAS_RATE = 0.01
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _rank_slice(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = _global_batch(step)
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    return inputs[rows], targets[rows]
+
+
+@torch.no_grad()
+def _sgd_step(model: torch.nn.Module) -> None:
+    """Plain SGD, then clear the gradients (torch.optim would import torch._dynamo: seconds per process)."""
+    for p in model.parameters():
+        p.add_(p.grad, alpha=-LR)
+        p.grad = None
+
+
+def _train_worker(rank: int, world_size: int, ep: int, num_steps: int) -> dict:
+    layout = ParallelLayout(world_size, rank, ep, timeout=timedelta(seconds=60))
+    model = build_parallel_model(CFG, SEED, layout)
+    model.train()
+    steps = []
+    for step in range(num_steps):
+        out = model(*_rank_slice(step, rank, world_size))
+        out.loss.backward()
+        sync_gradients(model, layout)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()} if step == 0 else None
+        norm = clip_grad_norm_(model, layout, MAX_NORM)
+        if all_ranks_finite(torch.isfinite(norm) & torch.isfinite(out.loss)):
+            _sgd_step(model)
+        load = sum_expert_load(model, layout)
+        update_router_bias(model.routers(), load, BIAS_RATE)
+        model.reset_expert_load()
+        steps.append({"loss": out.loss.detach(), "norm": norm, "load": load, "grads": grads})
+    finite_flags = [all_ranks_finite(rank == 0), all_ranks_finite(True),
+                    all_ranks_finite(torch.tensor([1.0, float("nan") if rank == 1 else 2.0]))]
+    groups = [None if g is None else dist.get_process_group_ranks(g)
+              for g in (layout.ep_group, layout.expert_replica_group)]
+    offsets = [m.dispatcher.local_expert_offset for m in model.moe_layers()]
+    return {"steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "biases": torch.stack([r.e_score_correction_bias for r in model.routers()]),
+            "expert_names": expert_param_names(model), "finite_flags": finite_flags, "groups": groups,
+            "expert_offset": offsets[0], "num_local_experts": model.moe_layers()[0].experts.num_local_experts}
+
+
+def _reference_training(world_size: int, num_steps: int) -> dict:
+    """Single process, all experts local; one micro-batch per rank slice, losses averaged."""
+    model = build_model(CFG, SEED)
+    model.train()
+    steps = []
+    for step in range(num_steps):
+        losses = []
+        for rank in range(world_size):
+            out = model(*_rank_slice(step, rank, world_size))
+            (out.loss / world_size).backward()
+            losses.append(out.loss.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()} if step == 0 else None
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        _sgd_step(model)
+        load = model.expert_load().clone()
+        update_router_bias(model.routers(), load, BIAS_RATE)
+        model.reset_expert_load()
+        steps.append({"loss": torch.stack(losses).mean(), "norm": norm, "load": load, "grads": grads})
+    return {"steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "biases": torch.stack([r.e_score_correction_bias for r in model.routers()])}
+
+
+def _expert_slice(name: str, tensor: torch.Tensor, result: dict, expert_names: list[str]) -> torch.Tensor:
+    """The part of a single-process tensor that a rank holds."""
+    if name not in expert_names:
+        return tensor
+    lo = result["expert_offset"]
+    return tensor[lo:lo + result["num_local_experts"]]
+
+
+def _check_against_reference(ranks: list[dict], ref: dict, world_size: int, ep: int) -> None:
+    expert_names = ranks[0]["expert_names"]
+    assert len(expert_names) == 3 * CFG.num_moe_layers
+    assert all(n.endswith(("gate_proj", "up_proj", "down_proj")) and ".mlp.experts." in n for n in expert_names)
+    for r in ranks:
+        assert r["num_local_experts"] == CFG.num_experts // ep
+    # The norm is computed on every rank and must agree bit for bit (ranks clip and skip alike).
+    for s, ref_step in enumerate(ref["steps"]):
+        norms = [r["steps"][s]["norm"] for r in ranks]
+        assert all(torch.equal(n, norms[0]) for n in norms), f"step {s}: norms differ across ranks {norms}"
+        torch.testing.assert_close(norms[0], ref_step["norm"], rtol=1e-5, atol=1e-7)
+        rank_mean_loss = torch.stack([r["steps"][s]["loss"] for r in ranks]).mean()
+        torch.testing.assert_close(rank_mean_loss, ref_step["loss"], rtol=1e-5, atol=1e-6)
+        for r in ranks:
+            assert torch.equal(r["steps"][s]["load"], ref_step["load"].to(torch.float64)), f"step {s} load"
+    assert max(float(s["norm"]) for s in ref["steps"]) > MAX_NORM, "clipping was never exercised"
+
+    for rank, r in enumerate(ranks):
+        for n, ref_grad in ref["steps"][0]["grads"].items():
+            torch.testing.assert_close(r["steps"][0]["grads"][n], _expert_slice(n, ref_grad, r, expert_names),
+                                       rtol=1e-4, atol=1e-7, msg=lambda m, n=n, k=rank: f"rank {k} grad {n}: {m}")
+        for n, ref_param in ref["params"].items():
+            torch.testing.assert_close(r["params"][n], _expert_slice(n, ref_param, r, expert_names),
+                                       rtol=1e-4, atol=1e-6, msg=lambda m, n=n, k=rank: f"rank {k} param {n}: {m}")
+        assert torch.equal(r["biases"], ref["biases"]), f"rank {rank} router biases"
+
+    for r in ranks[1:]:
+        for n, p in r["params"].items():
+            if n not in expert_names:
+                assert torch.equal(p, ranks[0]["params"][n]), f"replicated {n} diverged across ranks"
+            elif r["expert_offset"] == ranks[0]["expert_offset"]:
+                assert torch.equal(p, ranks[0]["params"][n]), f"expert replica {n} diverged across ranks"
+    assert [r["finite_flags"] for r in ranks] == [[False, True, False]] * world_size
+
+
+def _layouts_worker(rank: int, world_size: int, runs: list[tuple[int, int]]) -> list[dict]:
+    """Several (ep, num_steps) trainings in one spawn: starting processes costs more than training."""
+    return [_train_worker(rank, world_size, ep, num_steps) for ep, num_steps in runs]
+
+
+TWO_RANK_RUNS = [(2, 3), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs() -> list[list[dict]]:
+    """Per entry of TWO_RANK_RUNS, the results of ranks 0 and 1."""
+    per_rank = run_workers(_layouts_worker, 2, TWO_RANK_RUNS)
+    return [list(ranks) for ranks in zip(*per_rank)]
+
+
+def _check_run(ranks: list[dict], world_size: int, ep: int, num_steps: int) -> None:
+    for rank, r in enumerate(ranks):
+        layout = ParallelLayout(world_size, rank, ep, create_groups=False)
+        ep_group, replica_group = r["groups"]
+        assert ep_group == (None if ep == 1 else layout.ep_group_ranks())
+        assert replica_group == (None if ep == world_size else layout.expert_replica_ranks())
+    with torch_threads(1):
+        reference = _reference_training(world_size, num_steps)
+    _check_against_reference(ranks, reference, world_size, ep)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(len(TWO_RANK_RUNS)), ids=["ep2-of-2", "dp2-ep1"])
+def test_two_rank_training_matches_single_process(two_rank_runs, run):
+    ep, num_steps = TWO_RANK_RUNS[run]
+    _check_run(two_rank_runs[run], 2, ep, num_steps)
+
+
+@pytest.mark.slow
+def test_two_ep_groups_of_two_match_single_process():
+    """4 ranks, ep=2: expert gradients are summed over replica groups {0, 2} and {1, 3}."""
+    ranks = [runs[0] for runs in run_workers(_layouts_worker, 4, [(2, 2)])]
+    _check_run(ranks, 4, 2, 2)
+
+
+def test_layout_rank_arithmetic():
+    layout = ParallelLayout(8, 5, ep=4, create_groups=False)
+    assert (layout.ep_rank, layout.ep_group_index, layout.num_expert_replicas) == (1, 1, 2)
+    assert layout.ep_group_ranks() == [4, 5, 6, 7]
+    assert layout.expert_replica_ranks() == [1, 5]
+    assert layout.local_experts(16) == range(4, 8)
+    every_rank = sorted(r for g in range(layout.num_expert_replicas) for r in layout.ep_group_ranks(g))
+    assert every_rank == list(range(8))
+    assert sorted(r for i in range(4) for r in layout.expert_replica_ranks(i)) == list(range(8))
+
+
+def test_layout_rejects_bad_degrees():
+    with pytest.raises(ValueError, match=r"ep=3 .*world_size=8"):
+        ParallelLayout(8, 0, ep=3, create_groups=False)
+    with pytest.raises(ValueError, match=r"ep=4 must divide num_experts=6"):
+        ParallelLayout(8, 0, ep=4, create_groups=False).check_num_experts(6)
+    with pytest.raises(ValueError, match=r"ep=4 must divide num_experts=6"):
+        build_parallel_model(CFG.replace(num_experts=6), SEED, ParallelLayout(8, 0, ep=4, create_groups=False))
+    with pytest.raises(ValueError, match=r"rank=2"):
+        ParallelLayout(2, 2, ep=1, create_groups=False)
+    with pytest.raises(RuntimeError, match="create_groups=False"):
+        build_parallel_model(CFG, SEED, ParallelLayout(2, 0, ep=2, create_groups=False))
+
+
+def test_single_process_layout_is_a_no_op():
+    layout = ParallelLayout(1, 0, ep=1)
+    model = build_parallel_model(CFG, SEED, layout)
+    model(*_rank_slice(0, 0, 1)).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    sync_gradients(model, layout)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    torch.testing.assert_close(clip_grad_norm_(model, layout, 1e9), expected)
+    assert torch.equal(sum_expert_load(model, layout), model.expert_load().double())
+    assert all_ranks_finite(torch.tensor(1.0)) and not all_ranks_finite(torch.tensor(float("inf")))
+
+
+def _failing_worker(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise KeyError("boom on rank 1")
+    dist.barrier()  # rank 0 waits in a collective the failed rank never joins
+
+
+def test_run_workers_reports_a_failing_rank_quickly():
+    with pytest.raises(WorkerError, match="boom on rank 1") as info:
+        run_workers(_failing_worker, 2, timeout_s=100)
+    assert "rank 1 raised" in str(info.value)
