@@ -69,8 +69,8 @@ def test_mlflow_has_one_parent_with_stage_runs_metrics_and_artifacts(pipeline_ru
     c = tracking.client(first.tracking_uri)
     assert first.tracking_uri == f"sqlite:///{work / 'mlflow.db'}"
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    parents = c.search_runs([exp.experiment_id], f"tags.`k2pipe.kind` = 'pipeline' and "
-                                                 f"tags.`k2pipe.run_name` = 'ci-dag'")
+    parents = c.search_runs([exp.experiment_id], "tags.`k2pipe.kind` = 'pipeline' and "
+                                                 "tags.`k2pipe.run_name` = 'ci-dag'")
     assert len(parents) == 1, "a rerun must log into the same parent run"
     parent = parents[0]
     assert parent.data.params["train.steps"] == str(cfg.train.steps)
