@@ -144,7 +144,9 @@ class CheckpointWriter:
         else:
             self.abandoned.append(step)
             if error is not None:
-                print(f"[k2pipe] rank {self.rank}: checkpoint of step {step} abandoned: {error}", flush=True)
+                from pipelines.train_loop import say
+
+                say(f"[k2pipe] rank {self.rank}: checkpoint of step {step} abandoned: {error}")
             if self.rank == 0:
                 try:
                     self.fs.delete_dir(folder)

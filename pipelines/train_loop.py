@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,13 @@ class StepResult:
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout. (Ray Train patches ``print`` in workers to also log it, which
+    shows every line twice in the driver's output.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, device: str = "cpu") -> float:
@@ -267,7 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         trainer.load_state_dict(checkpointing.load_rank_state(restored, rank, math_signature(cfg), world, t.ep))
         if rank == 0:
-            print(f"[k2pipe] resumed from {restored.path} at step {trainer.step}", flush=True)
+            say(f"[k2pipe] resumed from {restored.path} at step {trainer.step}")
 
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -288,8 +296,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_loss = result.loss
         if result.skipped:
             if rank == 0:
-                print(f"[k2pipe] step {result.step}: non-finite loss or gradient norm; step skipped "
-                      f"({trainer.bad_streak} in a row)", flush=True)
+                say(f"[k2pipe] step {result.step}: non-finite loss or gradient norm; step skipped "
+                    f"({trainer.bad_streak} in a row)")
             if trainer.bad_streak >= t.max_bad_steps:
                 _recover_from_divergence(trainer, ckpt, result.step)
         step_done = trainer.step
@@ -310,9 +318,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if logger is not None and metrics:
             logger.log(step_done, metrics)
         if rank == 0 and metrics and "train/loss" in metrics:
-            print(f"[k2pipe] step {step_done}/{t.steps} loss {metrics['train/loss']:.4f} "
-                  f"lr {metrics['train/lr']:.2e} tok/s {metrics['train/tokens_per_s']:.0f}"
-                  + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""), flush=True)
+            say(f"[k2pipe] step {step_done}/{t.steps} loss {metrics['train/loss']:.4f} "
+                f"lr {metrics['train/lr']:.2e} tok/s {metrics['train/tokens_per_s']:.0f}"
+                + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""))
         # Checkpoints: snapshot now, upload in the background, register once every rank's shard landed.
         ckpt.poll_and_register(final=False)
         if step_done == t.steps or (t.checkpoint_every and step_done % t.checkpoint_every == 0):
@@ -334,7 +342,7 @@ def _start_system_metrics(tracking_uri: str, run_id: str):
         monitor.start()
         return monitor
     except Exception as e:  # never let monitoring stop training
-        print(f"[k2pipe] system metrics are off: {e}", flush=True)
+        say(f"[k2pipe] system metrics are off: {e}")
         return None
 
 
@@ -358,7 +366,7 @@ def _maybe_inject_fault(fault, rank: int, step: int, storage) -> None:
         return
     with fs.open_output_stream(marker) as f:
         f.write(b"1")
-    print(f"[k2pipe] fault injection: rank {rank} exits at step {step}", flush=True)
+    say(f"[k2pipe] fault injection: rank {rank} exits at step {step}")
     os._exit(1)
 
 
@@ -378,4 +386,4 @@ def _recover_from_divergence(trainer: Trainer, ckpt, step: int) -> None:
     trainer.load_state_dict(state)
     trainer.skipped_total = skipped  # the count of skipped steps survives the restore
     trainer.recovered_from_divergence = True
-    print(f"[k2pipe] restored the checkpoint of step {trainer.step} after non-finite steps", flush=True)
+    say(f"[k2pipe] restored the checkpoint of step {trainer.step} after non-finite steps")
