@@ -93,6 +93,8 @@ class TrainConfig:
     """torch threads per worker (CPU results depend on it)."""
     seed: int = 0
     """Seed of the weight init and the data order."""
+    shuffle_shards: int = 8
+    """Shards whose rows are shuffled together (more mixes better; the reader's cache bounds memory)."""
     fault_injection: str | None = None
     """``rank:step``: crash that rank once when it reaches that step (tests only)."""
     nan_injection: str | None = None
@@ -180,7 +182,8 @@ class RunConfig:
         from k2model.schedule import validate_schedule
 
         validate_schedule(t.steps, t.schedule, t.warmup_steps, t.decay_fraction, t.min_lr_ratio)
-        for name in ("num_workers", "micro_batch_size", "global_batch_size", "threads_per_worker", "eval_batches"):
+        for name in ("num_workers", "micro_batch_size", "global_batch_size", "threads_per_worker", "eval_batches",
+                     "shuffle_shards"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
         for name in ("checkpoint_every", "eval_every", "max_failures"):

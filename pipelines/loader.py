@@ -1,7 +1,8 @@
 """Deterministic, resumable, memory-bounded reading of packed shards for training.
 
 The global sample order is a pure function of (seed, step): epoch e visits the shards in a seeded
-permutation and the rows of each shard in a seeded permutation of their own; step s takes global
+permutation, taken in blocks of ``shuffle_shards`` shards whose rows are permuted jointly (so a batch mixes
+documents of several shards rather than walking one shard's neighbouring documents); step s takes global
 positions [s * G, (s + 1) * G) of that endless order (G = global batch), rank r takes its contiguous
 slice of G / world rows, and micro-batch m the m-th part of that slice. The only state a checkpoint needs
 is the step, so Ray Data iterators (not checkpointable) are not used here.
@@ -93,7 +94,7 @@ class DeterministicSampler:
     """Maps (step, rank, micro-batch) to rows; see the module docstring."""
 
     def __init__(self, shards: list[ShardRef], seed: int, global_batch: int, world_size: int, rank: int,
-                 micro_batch: int):
+                 micro_batch: int, shuffle_shards: int = 8):
         if global_batch % (world_size * micro_batch):
             raise ValueError(f"global batch {global_batch} is not a multiple of world size {world_size} x "
                              f"micro-batch {micro_batch}")
@@ -103,41 +104,49 @@ class DeterministicSampler:
         self.world_size = world_size
         self.rank = rank
         self.micro_batch = micro_batch
+        self.shuffle_shards = max(1, shuffle_shards)
         self.total_rows = sum(s.rows for s in shards)
         if self.total_rows == 0:
             raise ValueError("the shards hold no rows")
         self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._row_perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._row_perm_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def micro_batches_per_step(self) -> int:
         return self.global_batch // (self.world_size * self.micro_batch)
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard visiting order and the cumulative row offsets in that order."""
+        """Shard visiting order and the cumulative row offsets of the shard blocks in that order."""
         if epoch not in self._epoch_cache:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.shards))
-            offsets = np.cumsum([0] + [self.shards[i].rows for i in order])
-            self._epoch_cache = {epoch: (order, offsets)}  # one epoch at a time is enough
+            block_rows = [sum(self.shards[i].rows for i in order[b:b + self.shuffle_shards])
+                          for b in range(0, len(order), self.shuffle_shards)]
+            self._epoch_cache = {epoch: (order, np.cumsum([0] + block_rows))}  # one epoch at a time
         return self._epoch_cache[epoch]
 
-    def _row_permutation(self, epoch: int, shard: int) -> np.ndarray:
-        key = (epoch, shard)
+    def _block_permutation(self, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's shards, their cumulative row offsets, and the joint permutation of their rows."""
+        key = (epoch, block)
         if key not in self._row_perm_cache:
-            if len(self._row_perm_cache) >= 4:
+            if len(self._row_perm_cache) >= 2:
                 self._row_perm_cache.pop(next(iter(self._row_perm_cache)))
-            rng = np.random.default_rng([self.seed, epoch, shard, 1])
-            self._row_perm_cache[key] = rng.permutation(self.shards[shard].rows)
+            order, _ = self._epoch_order(epoch)
+            shards = order[block * self.shuffle_shards:(block + 1) * self.shuffle_shards]
+            offsets = np.cumsum([0] + [self.shards[i].rows for i in shards])
+            rng = np.random.default_rng([self.seed, epoch, block, 2])
+            self._row_perm_cache[key] = (shards, offsets, rng.permutation(int(offsets[-1])))
         return self._row_perm_cache[key]
 
     def locate(self, global_position: int) -> tuple[int, int]:
         """(shard, row) of a position in the endless global order."""
         epoch, position = divmod(global_position, self.total_rows)
-        order, offsets = self._epoch_order(epoch)
-        slot = int(np.searchsorted(offsets, position, side="right") - 1)
-        shard = int(order[slot])
-        return shard, int(self._row_permutation(epoch, shard)[position - offsets[slot]])
+        _, block_offsets = self._epoch_order(epoch)
+        block = int(np.searchsorted(block_offsets, position, side="right") - 1)
+        shards, offsets, permutation = self._block_permutation(epoch, block)
+        index = int(permutation[position - block_offsets[block]])
+        slot = int(np.searchsorted(offsets, index, side="right") - 1)
+        return int(shards[slot]), index - int(offsets[slot])
 
     def positions(self, step: int, micro: int) -> range:
         per_rank = self.global_batch // self.world_size

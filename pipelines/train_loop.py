@@ -35,7 +35,8 @@ from pipelines.config import RunConfig, config_from_dict
 MATH_SECTIONS = ("model", "optimizer")
 MATH_KEYS = ("data.seq_len", "data.vocab_size", "train.global_batch_size", "train.seed", "train.lr",
              "train.schedule", "train.warmup_steps", "train.decay_fraction", "train.min_lr_ratio",
-             "train.grad_clip", "train.num_workers", "train.ep", "train.micro_batch_size", "train.steps")
+             "train.grad_clip", "train.num_workers", "train.ep", "train.micro_batch_size", "train.steps",
+             "train.shuffle_shards")
 
 
 def math_signature(cfg: RunConfig) -> dict[str, Any]:
@@ -263,7 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shards = [ShardRef(**s) for s in loop_config["train_shards"]]
     val_shards = [ShardRef(**s) for s in loop_config["val_shards"]]
     reader = WindowReader(train_shards, cfg.data.seq_len, cache_bytes=loop_config.get("cache_bytes", 64 << 20))
-    sampler = DeterministicSampler(train_shards, t.seed, t.global_batch_size, world, rank, t.micro_batch_size)
+    sampler = DeterministicSampler(train_shards, t.seed, t.global_batch_size, world, rank, t.micro_batch_size,
+                                   t.shuffle_shards)
     val = eval_batches(WindowReader(val_shards, cfg.data.seq_len), t.eval_batches, t.micro_batch_size,
                        world, rank) if val_shards else []
     trainer = Trainer(cfg, TrainBatches(sampler, reader), val, device)
@@ -305,8 +307,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step_done % t.log_every == 0 or step_done == t.steps:
             seconds = sum(r.seconds for r in window)
             tokens = sum(r.tokens for r in window)
+            applied = [r for r in window if not r.skipped] or window
             metrics.update({
-                "train/loss": result.loss, "train/lm_loss": result.lm_loss, "train/lr": result.lr,
+                # Means over the steps since the last log: single-step losses are noisy.
+                "train/loss": sum(r.loss for r in applied) / len(applied),
+                "train/lm_loss": sum(r.lm_loss for r in applied) / len(applied), "train/lr": result.lr,
                 "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens / max(seconds, 1e-9),
                 "train/mfu": tokens / max(seconds, 1e-9) * trainer.flops_per_token / (peak_flops * world),
                 "train/skipped_steps": float(trainer.skipped_total), **result.extra,

@@ -42,8 +42,10 @@ def test_each_epoch_visits_every_window_once_and_ranks_are_disjoint(tmp_path):
         seen_by_rank.append(ids)
     assert not set(seen_by_rank[0]) & set(seen_by_rank[1])
     assert sorted(seen_by_rank[0] + seen_by_rank[1]) == list(range(total))
-    # Shuffled, not in corpus order.
+    # Shuffled, not in corpus order, and one batch mixes rows of several shards.
     assert seen_by_rank[0] != sorted(seen_by_rank[0])
+    first_batch = DeterministicSampler(refs, seed=3, global_batch=8, world_size=1, rank=0, micro_batch=8)
+    assert len({first_batch.locate(p)[0] for p in first_batch.positions(0, 0)}) > 1
 
 
 def test_order_depends_only_on_seed_and_step(tmp_path):
