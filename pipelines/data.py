@@ -28,7 +28,8 @@ except the last of a split. Parquet row groups hold 256 rows (the unit of a part
                                  {path (relative to the folder), num_rows, sha256 (of the file), num_bytes}]}}
     skipped_inputs      [{uri, index (line/row or null), reason, detail}] (first 100; counts in ingest)
     inputs              {"ingest": stage URI, "tokenizer": stage URI}
-    stats               {elapsed_s, tokens_per_s, num_workers, num_units} (informational)
+    stats               {elapsed_s, tokens_per_s, startup_s (until the first actor starts encoding),
+                         actor_busy_s (summed over actors), num_workers, num_units} (informational)
 
 Read it with ``read_manifest(uri)``; read rows with ``iter_windows``/``read_windows`` (only the shards and
 row groups that overlap the requested rows are fetched) or directly with pyarrow.
@@ -37,7 +38,6 @@ row groups that overlap the requested rows are fetched) or directly with pyarrow
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -52,13 +52,13 @@ from pipelines import shard as shard_stage
 from pipelines import storage
 from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import DataConfig, RunConfig
-from pipelines.ingest import IngestOutput, run_ingest
+from pipelines.ingest import IngestOutput, exit_on_data_error, run_ingest
 from pipelines.shard import ShardManifest, read_manifest, run_shard
 from pipelines.storage import DataError
 from pipelines.tokenizer import TokenizerOutput, load_tokenizer, run_tokenizer
 
-__all__ = ["DataError", "DataOutputs", "check_data_config", "format_summary", "iter_windows", "load_tokenizer",
-           "read_manifest", "read_windows", "run_data_stages"]
+__all__ = ["DataError", "DataOutputs", "ShardManifest", "check_data_config", "format_summary", "iter_windows",
+           "load_tokenizer", "read_manifest", "read_windows", "run_data_stages"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,23 @@ class DataOutputs:
     @property
     def manifest_uri(self) -> str:
         return self.shards.uri
+
+    def summary(self) -> dict[str, object]:
+        """The headline figures as plain data (for the command line and MLflow)."""
+        st = self.ingest.stats
+        return {
+            "manifest": storage.join(self.shards.uri, storage.COMPLETE_MARKER),
+            "corpus": self.ingest.corpus,
+            "files_read": st.files_read, "documents_read": st.records_read, "documents_kept": st.documents,
+            "dropped": st.dropped, "duplicates": st.duplicates, "skipped": st.skipped,
+            "tokenizer": {"uri": self.tokenizer.uri, "sha256": self.tokenizer.sha256,
+                          "vocab_size": self.tokenizer.vocab_size},
+            "splits": {k: {"windows": v.num_windows, "tokens": v.num_tokens,
+                           "dropped_tokens": v.dropped_tokens, "shards": len(v.shards)}
+                       for k, v in self.shards.splits.items()},
+            "reused": {"ingest": self.ingest.reused, "tokenizer": self.tokenizer.reused,
+                       "shard": self.shards.reused},
+        }
 
 
 def check_data_config(data: DataConfig) -> None:
@@ -120,7 +137,8 @@ def format_summary(outputs: DataOutputs) -> str:
     total = sum(s.num_tokens for s in man.splits.values())
     shard_line = f"  shard      [{timing(man.reused, man.stats.get('elapsed_s', 0.0))}] {total:,} tokens"
     if not man.reused and man.stats.get("tokens_per_s"):
-        shard_line += f" at {man.stats['tokens_per_s']:,.0f} tokens/s with {man.stats['num_workers']} workers"
+        shard_line += (f" at {man.stats['tokens_per_s']:,.0f} tokens/s with {man.stats['num_workers']} "
+                       f"workers (start-up {man.stats.get('startup_s', 0.0):.1f} s)")
     lines.append(shard_line)
     for split, s in man.splits.items():
         lines.append(f"             {split:5s} {s.num_documents:,} docs -> {s.num_windows:,} windows of "
@@ -193,13 +211,12 @@ def read_windows(manifest: ShardManifest, split: str, start: int = 0, stop: int 
     return np.concatenate(parts)
 
 
+@exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
     cfg, force = ingest_stage.stage_cli("Run the data stages: ingest, tokenizer, shard (pipelines/data.py)",
                                         argv)
     outputs = run_data_stages(cfg, force=force)
-    print(json.dumps({"manifest": outputs.manifest_uri,
-                      "splits": {k: dataclasses.asdict(v) | {"shards": len(v.shards)}
-                                 for k, v in outputs.shards.splits.items()}}, indent=2))
+    print(json.dumps(outputs.summary(), indent=2))
 
 
 if __name__ == "__main__":

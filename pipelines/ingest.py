@@ -41,11 +41,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import sysconfig
 import time
 import unicodedata
@@ -73,7 +75,8 @@ INPUT_FORMATS = {  # suffix -> (format, compression of the raw stream)
     ".jsonl.zst": ("jsonl", "zstd"),
     ".parquet": ("parquet", None),
 }
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 ROW_GROUP_DOCS = 1024
 """Documents per parquet row group of the output (also the unit of work of the shard stage)."""
 ROW_GROUP_BYTES = 1 << 20
@@ -130,7 +133,8 @@ def ordered_execution() -> Iterator[None]:
 def check_config(data: DataConfig) -> None:
     """Reject ingest settings that cannot work, before any cluster time is spent."""
     if data.on_bad_record not in BAD_RECORD_POLICIES:
-        raise DataError(f"data.on_bad_record={data.on_bad_record!r}: expected one of {list(BAD_RECORD_POLICIES)}")
+        raise DataError(f"data.on_bad_record={data.on_bad_record!r}: expected one of "
+                        f"{list(BAD_RECORD_POLICIES)}")
     if data.max_docs is not None and data.max_docs < 1:
         raise DataError(f"data.max_docs={data.max_docs}: expected a positive integer or null (all documents)")
     if data.min_doc_chars < 0:
@@ -144,7 +148,8 @@ def check_config(data: DataConfig) -> None:
 
 
 def stage_cli(description: str, argv: list[str] | None = None) -> tuple[Any, bool]:
-    """``--config NAME|FILE --set key=value ... [--force]`` to ``(RunConfig, force)``."""
+    """``--config NAME|FILE --set key=value ... [--force]`` to ``(RunConfig, force)``; a bad config ends
+    the program with its message, not a traceback."""
     from pipelines.config import load_config
 
     parser = argparse.ArgumentParser(description=description)
@@ -153,7 +158,25 @@ def stage_cli(description: str, argv: list[str] | None = None) -> tuple[Any, boo
                         help="override a config field, e.g. --set data.max_docs=200 (repeatable)")
     parser.add_argument("--force", action="store_true", help="recompute even when a complete output exists")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides), args.force
+    try:
+        return load_config(args.config, args.overrides), args.force
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def exit_on_data_error(fn: Any) -> Any:
+    """Decorator for the stages' ``main``: a ``DataError`` ends the program with its message (exit 2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,7 +401,7 @@ class _FileReader:
             self.too_large(rows, 0, f.size, "file")
             yield
             return
-        with self.fs.open_input_stream(f.path) as stream:
+        with self.fs.open_input_stream(f.path, compression=None) as stream:
             raw = stream.read(self.max_doc_bytes + 1)
         if len(raw) > self.max_doc_bytes:  # the file grew since it was listed
             self.too_large(rows, 0, len(raw), "file")
@@ -386,41 +409,42 @@ class _FileReader:
             try:
                 self.document(rows, 0, raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                rows.add(0, num_bytes=len(raw), event="invalid_utf8", detail=f"invalid UTF-8 at byte {e.start}")
+                rows.add(0, num_bytes=len(raw), event="invalid_utf8",
+                         detail=f"invalid UTF-8 at byte {e.start}")
         yield
 
     def _lines(self, stream: Any) -> Iterator[tuple[int, bytes | None, int]]:
-        """``(line index, bytes or None when longer than max_doc_bytes, length)``, holding at most
-        max_doc_bytes + one chunk in memory whatever the line lengths."""
+        """``(line index, bytes or None when longer than max_doc_bytes, length)``. Holds at most
+        max_doc_bytes plus one chunk in memory whatever the line lengths: the bytes of an oversized line are
+        counted and dropped as they stream past."""
         limit = self.max_doc_bytes
-        pending = bytearray()
-        overflow = -1  # bytes of the current line seen so far once it is known to be too large
+        pending = bytearray()  # the start of a line continued in the next chunk
+        overflow = -1  # length so far of a line already known to be too large; -1 otherwise
         index = 0
-        while True:
-            chunk = stream.read(READ_CHUNK_BYTES)
-            if not chunk:
-                break
+        while chunk := stream.read(READ_CHUNK_BYTES):
             start = 0
-            while True:
-                end = chunk.find(b"\n", start)
-                piece = chunk[start:] if end < 0 else chunk[start:end]
+            while (end := chunk.find(b"\n", start)) >= 0:
                 if overflow >= 0:
-                    overflow += len(piece)
+                    yield index, None, overflow + end - start
+                elif pending:
+                    pending += chunk[start:end]
+                    size = len(pending)
+                    yield index, (bytes(pending) if size <= limit else None), size
                 else:
-                    pending += piece
-                    if len(pending) > limit:
-                        overflow = len(pending)
-                        pending = bytearray()
-                if end < 0:
-                    break
-                if overflow >= 0:
-                    yield index, None, overflow
-                else:
-                    yield index, bytes(pending), len(pending)
+                    size = end - start
+                    yield index, (chunk[start:end] if size <= limit else None), size
                 pending = bytearray()
                 overflow = -1
                 index += 1
                 start = end + 1
+            rest = len(chunk) - start
+            if overflow >= 0:
+                overflow += rest
+            elif len(pending) + rest > limit:
+                overflow = len(pending) + rest
+                pending = bytearray()
+            else:
+                pending += chunk[start:]
         if overflow >= 0:
             yield index, None, overflow
         elif pending:
@@ -438,7 +462,8 @@ class _FileReader:
                 try:
                     record = json.loads(line.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    rows.add(index, num_bytes=size, event="invalid_utf8", detail=f"invalid UTF-8 at byte {e.start}")
+                    rows.add(index, num_bytes=size, event="invalid_utf8",
+                             detail=f"invalid UTF-8 at byte {e.start}")
                 except ValueError as e:
                     rows.add(index, num_bytes=size, event="invalid_json", detail=str(e)[:200])
                 else:
@@ -467,21 +492,28 @@ class _FileReader:
             schema = parquet.schema_arrow
             if self.text_field not in schema.names:
                 rows.add(None, event="missing_field",
-                         detail=f"no column {self.text_field!r} (data.text_field); columns: {schema.names[:20]}")
+                         detail=f"no column {self.text_field!r} (data.text_field); "
+                                f"columns: {schema.names[:20]}")
                 yield
                 return
             column_type = schema.field(self.text_field).type
+            if pa.types.is_dictionary(column_type):  # e.g. pandas categoricals
+                column_type = column_type.value_type
             is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
             if not (is_binary or pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-                rows.add(None, event="not_a_string", detail=f"column {self.text_field!r} has type {column_type}")
+                rows.add(None, event="not_a_string",
+                         detail=f"column {self.text_field!r} has type {column_type}")
                 yield
                 return
             index = 0
             for batch in parquet.iter_batches(batch_size=256, columns=[self.text_field], use_threads=False):
                 values = batch.column(0)
+                if pa.types.is_dictionary(values.type):
+                    values = values.dictionary_decode()
                 sizes = pc.binary_length(values).to_numpy(zero_copy_only=False)
                 fits = pc.less_equal(pc.binary_length(values), self.max_doc_bytes)
-                small = pc.if_else(pc.fill_null(fits, False), values, pa.scalar(None, values.type)).to_pylist()
+                no_value = pa.scalar(None, values.type)
+                small = pc.if_else(pc.fill_null(fits, False), values, no_value).to_pylist()
                 for i, value in enumerate(small):
                     if value is not None:
                         if is_binary:
@@ -559,7 +591,7 @@ class _PartWriter:
             fs, fs_path = storage.resolve(storage.join(self.stage_uri, path))
             if not storage.is_s3(self.stage_uri):
                 fs.create_dir(os.path.dirname(fs_path), recursive=True)
-            self.stream = fs.open_output_stream(fs_path)
+            self.stream = fs.open_output_stream(fs_path, compression=None)
             self.writer = pq.ParquetWriter(self.stream, OUTPUT_SCHEMA, compression="zstd")
             self.parts.append(PartFile(path, 0, 0, 0))
         self.writer.write_table(group, row_group_size=group.num_rows)
@@ -592,7 +624,8 @@ class _PartWriter:
 
 
 class _Consumer:
-    def __init__(self, data: DataConfig, corpus: str, files: list[_InputFile], stage_uri: str, stats: IngestStats):
+    def __init__(self, data: DataConfig, corpus: str, files: list[_InputFile], stage_uri: str,
+                 stats: IngestStats):
         self.data = data
         self.corpus = corpus
         self.files = files
@@ -681,17 +714,18 @@ def run_ingest(data: DataConfig, storage_root: str, force: bool = False) -> Inge
     if storage.prepare_stage_dir(stage_uri, force):
         logger.info("ingest: reusing %s", stage_uri)
         return IngestOutput.from_dict(storage.read_complete(stage_uri), stage_uri, reused=True)
+    if not any(f.format is not None for f in listed):
+        raise DataError(f"corpus {corpus}: no input files (expected names ending in {sorted(INPUT_FORMATS)}"
+                        + (" or .py" if data.corpus is None else "") + ")")
+    listing_s = time.perf_counter() - t0
+    ensure_ray()  # before the clock restarts: stage timings leave out the cluster's start-up
+    t0 = time.perf_counter() - listing_s
 
-    files = [f for f in listed if f.format is not None]
     stats = IngestStats(files_listed=len(listed))
     consumer = _Consumer(data, corpus, listed, stage_uri, stats)
     for f in listed:
         if f.format is None:
-            consumer.skip(f, None, "unsupported_type",
-                          f"not one of {sorted(INPUT_FORMATS)}")
-    if not files:
-        raise DataError(f"corpus {corpus}: no input files (expected names ending in {sorted(INPUT_FORMATS)}"
-                        + (" or .py" if data.corpus is None else "") + ")")
+            consumer.skip(f, None, "unsupported_type", f"not one of {sorted(INPUT_FORMATS)}")
     try:
         _stream(data, listed, consumer)
         parts = {s: w.close() for s, w in consumer.writers.items()}
@@ -721,8 +755,8 @@ def _stream(data: DataConfig, listed: list[_InputFile], consumer: _Consumer) -> 
     """Run the read tasks and feed their ordered output to the consumer."""
     import ray.data
 
-    ensure_ray()
-    items = [{"file_id": i, "file": dataclasses.asdict(f)} for i, f in enumerate(listed) if f.format is not None]
+    items = [{"file_id": i, "file": dataclasses.asdict(f)}
+             for i, f in enumerate(listed) if f.format is not None]
     total_bytes = sum(it["file"]["size"] for it in items)
     num_blocks = max(1, min(len(items), 256, max(8, math.ceil(total_bytes / (8 << 20)))))
     fs = storage.filesystem(listed[0].uri)
@@ -748,6 +782,7 @@ def _stream(data: DataConfig, listed: list[_InputFile], consumer: _Consumer) -> 
         stats.bytes_read += it["file"]["size"]
 
 
+@exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
     cfg, force = stage_cli("Ingest the corpus (pipelines/ingest.py)", argv)
     out = run_ingest(cfg.data, cfg.storage.root, force=force)

@@ -29,11 +29,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import DataConfig
-from pipelines.ingest import SPLITS, IngestOutput, ensure_ray, ordered_execution, stage_cli
+from pipelines.ingest import (
+    SPLITS,
+    IngestOutput,
+    ensure_ray,
+    exit_on_data_error,
+    ordered_execution,
+    stage_cli,
+)
 from pipelines.storage import DataError
 from pipelines.tokenizer import TokenizerOutput, one_thread_per_process
 
@@ -47,7 +55,8 @@ ROWS_PER_ROW_GROUP = 256
 ENCODE_BATCH_DOCS = 64
 """Documents per ``encode_batch`` call inside an actor (bounds the tokenizer's temporary objects)."""
 _UNIT_SCHEMA = pa.schema([("unit", pa.int64()), ("split", pa.string()), ("num_docs", pa.int64()),
-                          ("tokens", pa.list_(pa.int32()))])
+                          ("tokens", pa.list_(pa.int32())), ("started_at", pa.float64()),
+                          ("busy_s", pa.float64())])
 
 
 @dataclass(frozen=True)
@@ -166,8 +175,9 @@ class TokenizeUnits:
         self.fs = fs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        units, splits, counts, streams = [], [], [], []
+        units, splits, counts, streams, started, busy = [], [], [], [], [], []
         for unit in batch.to_pylist():
+            started.append(time.time())
             with self.fs.open_input_file(unit["path"]) as handle:
                 texts = pq.ParquetFile(handle).read_row_group(unit["row_group"], columns=["text"])
             texts = texts.column(0).to_pylist()
@@ -178,8 +188,10 @@ class TokenizeUnits:
             splits.append(unit["split"])
             counts.append(len(texts))
             streams.append(pa.ListArray.from_arrays(pa.array([0, len(tokens)], pa.int32()), pa.array(tokens)))
+            busy.append(time.time() - started[-1])
         return pa.table([pa.array(units, pa.int64()), pa.array(splits, pa.string()),
-                         pa.array(counts, pa.int64()), pa.concat_arrays(streams)], schema=_UNIT_SCHEMA)
+                         pa.array(counts, pa.int64()), pa.concat_arrays(streams),
+                         pa.array(started, pa.float64()), pa.array(busy, pa.float64())], schema=_UNIT_SCHEMA)
 
 
 class _Packer:
@@ -250,11 +262,12 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
     if tokenizer.vocab_size != data.vocab_size:
         raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but data.vocab_size="
                         f"{data.vocab_size}")
-    t0 = time.perf_counter()
     fp = shard_fingerprint(data, ingest, tokenizer)
     stage_uri = storage.stage_dir(storage_root, "shard", fp)
     if storage.prepare_stage_dir(stage_uri, force):
         return ShardManifest.from_dict(storage.read_complete(stage_uri), stage_uri, reused=True)
+    ensure_ray()  # stage timings leave out the cluster's start-up
+    t0, wall_t0 = time.perf_counter(), time.time()
 
     units = []
     for split in SPLITS:
@@ -265,7 +278,6 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
     window_len = data.seq_len + 1
     packers = {s: _Packer(stage_uri, s, window_len, data.windows_per_shard) for s in SPLITS}
     tokenizer_json = storage.read_bytes(tokenizer.path).decode("utf-8")
-    ensure_ray()
     try:
         with ordered_execution():
             ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -276,7 +288,10 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
                 compute=ray.data.ActorPoolStrategy(size=data.num_workers),
                 num_cpus=_actor_cpus(data.num_workers))
             expected = 0
+            first_start, busy_s = float("inf"), 0.0
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+                first_start = min(first_start, pc.min(block.column("started_at")).as_py())
+                busy_s += pc.sum(block.column("busy_s")).as_py()
                 tokens = block.column("tokens")
                 for i, (unit, split, num_docs) in enumerate(zip(block.column("unit").to_pylist(),
                                                                 block.column("split").to_pylist(),
@@ -292,7 +307,8 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
         raise
     if splits["train"].num_windows == 0:
         storage.delete_dir(stage_uri)
-        raise DataError(f"corpus {ingest.corpus}: the train split has only {splits['train'].dropped_tokens} tokens, "
+        raise DataError(f"corpus {ingest.corpus}: the train split has only "
+                        f"{splits['train'].dropped_tokens} tokens, "
                         f"fewer than one window of data.seq_len + 1 = {window_len}; add documents or lower "
                         "data.seq_len")
     elapsed = time.perf_counter() - t0
@@ -303,11 +319,14 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, splits=splits, skipped_inputs=ingest.skipped_inputs,
         inputs={"ingest": ingest.uri, "tokenizer": tokenizer.uri},
         stats={"elapsed_s": round(elapsed, 3), "tokens_per_s": round(num_tokens / max(elapsed, 1e-9), 1),
+               "startup_s": round(max(first_start - wall_t0, 0.0), 3) if units else 0.0,
+               "actor_busy_s": round(busy_s, 3),
                "num_workers": data.num_workers, "num_units": len(units)})
     storage.mark_complete(stage_uri, manifest.to_dict())
     return manifest
 
 
+@exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
     from pipelines.ingest import run_ingest
     from pipelines.tokenizer import run_tokenizer

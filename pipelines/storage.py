@@ -97,7 +97,8 @@ def describe_s3() -> str:
     """Which S3 settings are in use, without secret values (for logs and errors)."""
     settings = dict(_s3_settings())
     endpoint = settings.get("endpoint_override")
-    parts = [f"endpoint={settings.get('scheme', 'https')}://{endpoint}" if endpoint else "endpoint=AWS default",
+    scheme = settings.get("scheme", "https")
+    parts = [f"endpoint={scheme}://{endpoint}" if endpoint else "endpoint=AWS default",
              f"region={settings.get('region', 'default')}",
              "credentials=" + ("from AWS_ACCESS_KEY_ID" if "access_key" in settings else "AWS default chain")]
     return ", ".join(parts)
@@ -162,7 +163,7 @@ def is_file(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError:
         raise DataError(f"{uri}: no such file") from None
@@ -173,14 +174,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     sees half a file; an S3 PUT is atomic by itself."""
     fs, path = resolve(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with fs.open_output_stream(tmp) as f:
+        with fs.open_output_stream(tmp, compression=None) as f:
             f.write(data)
         fs.move(tmp, path)
     finally:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import DataConfig
-from pipelines.ingest import IngestOutput, stage_cli
+from pipelines.ingest import IngestOutput, exit_on_data_error, stage_cli
 from pipelines.storage import DataError
 
 TOKENIZER_VERSION = 1
@@ -60,7 +60,8 @@ class TextTokenizer:
         try:
             self.tokenizer = Tokenizer.from_str(json_text)
         except Exception as e:  # noqa: BLE001 - the Rust error says what is wrong with the file
-            raise DataError(f"{source}: not a valid tokenizer.json ({' '.join(str(e).split())[:300]})") from None
+            reason = " ".join(str(e).split())[:300]
+            raise DataError(f"{source}: not a valid tokenizer.json ({reason})") from None
         ids = {t: self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
@@ -153,7 +154,6 @@ def check_config(data: DataConfig) -> None:
 def sample_texts(ingest: IngestOutput, sample_bytes: int) -> Iterator[str]:
     """Train documents at an even stride over the split, about ``sample_bytes`` of UTF-8 in all."""
     total = ingest.stats.bytes["train"]
-    num_docs = ingest.stats.documents["train"]
     # Keep document i when floor((i + 1) * r) > floor(i * r), r = sample_bytes / total (at most 1).
     numerator, denominator = min(sample_bytes, total), max(total, 1)
     index = taken = 0
@@ -168,7 +168,6 @@ def sample_texts(ingest: IngestOutput, sample_bytes: int) -> Iterator[str]:
                         if taken >= sample_bytes:
                             return
                     index += 1
-    assert index <= num_docs
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[Any, int]:
@@ -186,7 +185,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[Any, int]:
     num_reserved = vocab_size - learned
     if num_reserved > 0:
         tokenizer.add_special_tokens([f"<|reserved_{i}|>" for i in range(num_reserved)])
-    assert tokenizer.get_vocab_size(with_added_tokens=True) == vocab_size, "BPE trainer overshot the vocabulary"
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == vocab_size, "the BPE trainer overshot"
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [BOS_ID, EOS_ID, PAD_ID]
     return tokenizer, max(num_reserved, 0)
 
@@ -216,11 +215,13 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
         try:
             text = given.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"{source} (data.tokenizer): not UTF-8 text; expected a HF tokenizer.json") from None
+            raise DataError(f"{source} (data.tokenizer): not UTF-8 text; expected a HF tokenizer.json"
+                            ) from None
         tok = TextTokenizer(text, storage.sha256_bytes(given), source=source)
         if tok.vocab_size != data.vocab_size:
             raise DataError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but data.vocab_size="
-                            f"{data.vocab_size}; set data.vocab_size (and model.vocab_size) to {tok.vocab_size}")
+                            f"{data.vocab_size}; set data.vocab_size (and model.vocab_size) to "
+                            f"{tok.vocab_size}")
         raw, source, num_reserved, num_docs, num_bytes = given, tok.source, 0, 0, 0
     else:
         sampled = {"docs": 0, "bytes": 0}
@@ -244,6 +245,7 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
     return out
 
 
+@exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
     from pipelines.ingest import run_ingest
 
