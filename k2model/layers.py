@@ -123,16 +123,21 @@ def causal_max_logit_per_head(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale:
     """The largest pre-softmax logit per head over causally visible (query, key) pairs of the batch,
     in fp32. Queries are taken in blocks so the extra memory is O(B * H * block * T), never T x T."""
     T = q_BHTd.shape[2]
-    result_H = torch.full((q_BHTd.shape[1],), float("-inf"), device=q_BHTd.device)
+    q, k = q_BHTd.float(), k_BHTd.float()
+    result_H = torch.full((q.shape[1],), float("-inf"), device=q.device)
+    future = torch.triu(torch.ones(block_size, block_size, dtype=torch.bool, device=q.device), diagonal=1)
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
-        # Keys after the block's last query are never visible to it: only [0, end) is needed.
-        logits = torch.matmul(q_BHTd[:, :, start:end].float(), k_BHTd[:, :, :end].float().transpose(-1, -2))
-        query_pos = torch.arange(start, end, device=q_BHTd.device)[:, None]
-        key_pos = torch.arange(end, device=q_BHTd.device)[None, :]
-        logits = logits.masked_fill(key_pos > query_pos, float("-inf"))
-        result_H = torch.maximum(result_H, logits.amax(dim=(0, 2, 3)) * scale)
-    return result_H
+        q_block = q[:, :, start:end]
+        # Keys before the block are visible to all of its queries: no mask. Keys after the block's last
+        # query are visible to none: never computed. Only the diagonal square needs the causal mask.
+        if start > 0:
+            past = torch.matmul(q_block, k[:, :, :start].transpose(-1, -2))
+            result_H = torch.maximum(result_H, past.amax(dim=(0, 2, 3)))
+        diagonal = torch.matmul(q_block, k[:, :, start:end].transpose(-1, -2))
+        diagonal.masked_fill_(future[: end - start, : end - start], float("-inf"))
+        result_H = torch.maximum(result_H, diagonal.amax(dim=(0, 2, 3)))
+    return result_H * scale
 
 
 class MultiHeadLatentAttention(nn.Module):
