@@ -1,0 +1,92 @@
+"""The checkpoint writer on its own: a persistent storage failure abandons one checkpoint (training goes
+on, nothing half-written is registered) and the next one lands; snapshots are independent copies."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from pipelines import checkpointing
+
+
+class FlakyFS:
+    """A local filesystem that refuses every write while ``down`` is set."""
+
+    def __init__(self):
+        self.fs = pafs.LocalFileSystem()
+        self.down = False
+        self.write_attempts = 0
+
+    def open_output_stream(self, path, *args, **kwargs):
+        self.write_attempts += 1
+        if self.down:
+            raise OSError("connection refused (simulated outage)")
+        return self.fs.open_output_stream(path, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+@pytest.fixture
+def reports(monkeypatch):
+    import ray.train
+
+    calls = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **kw: calls.append((metrics, checkpoint)))
+    return calls
+
+
+def test_persistent_failure_abandons_one_checkpoint_and_the_next_lands(tmp_path, reports):
+    fs = FlakyFS()
+    writer = checkpointing.CheckpointWriter(fs, str(tmp_path), rank=0, signature={"a": 1}, world_size=1, ep=1,
+                                            attempts=3, backoff_s=0.001)
+    state = {"model": {"w": torch.arange(6.0)}, "step": 2}
+    fs.down = True
+    writer.start(2, state, {"train/loss": 1.0})
+    writer.poll_and_register(final=True)
+    assert writer.abandoned == [2]
+    assert fs.write_attempts == 3, "retried before giving up"
+    (metrics, checkpoint), = reports
+    assert checkpoint is None and metrics["checkpoint_abandoned_step"] == 2
+    assert not (tmp_path / "checkpoint-step00000002").exists()
+
+    fs.down = False
+    writer.start(4, {**state, "step": 4}, {"train/loss": 0.5})
+    writer.poll_and_register(final=True)
+    metrics, checkpoint = reports[-1]
+    assert checkpoint is not None and checkpoint.path.endswith("checkpoint-step00000004")
+    loaded = checkpointing.load_rank_state(checkpoint, 0, {"a": 1}, 1, 1)
+    assert loaded["step"] == 4 and torch.equal(loaded["model"]["w"], torch.arange(6.0))
+    assert writer.last_registered_path == checkpoint.path
+
+
+def test_snapshot_is_a_copy_taken_before_training_changes_the_state(tmp_path, reports):
+    fs = FlakyFS()
+    writer = checkpointing.CheckpointWriter(fs, str(tmp_path), rank=0, signature={}, world_size=1, ep=1)
+    weights = torch.zeros(4)
+    writer.start(1, {"model": {"w": weights}, "step": 1}, {})
+    weights.add_(1.0)  # the next optimizer step changes the live tensor while the upload runs
+    writer.poll_and_register(final=True)
+    loaded = checkpointing.load_rank_state(reports[-1][1], 0, {}, 1, 1)
+    assert torch.equal(loaded["model"]["w"], torch.zeros(4))
+    assert len(writer.stall_seconds) == 1
+
+
+def test_pending_upload_is_not_registered_until_done(tmp_path, reports):
+    import threading
+
+    gate = threading.Event()
+
+    class SlowFS(FlakyFS):
+        def open_output_stream(self, path, *args, **kwargs):
+            gate.wait(10)
+            return super().open_output_stream(path, *args, **kwargs)
+
+    writer = checkpointing.CheckpointWriter(SlowFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1)
+    writer.start(3, {"step": 3}, {})
+    writer.poll_and_register(final=False)
+    assert reports == [], "registered before the shard was written"
+    gate.set()
+    writer.poll_and_register(final=True)
+    assert reports[-1][1].path.endswith("checkpoint-step00000003")
