@@ -273,9 +273,10 @@ def _log_stage(record: dict[str, Any], name: str, outputs: Any, result: StageRes
     for k, v in tags.items():
         tracking.retry(lambda k=k, v=v: c.set_tag(run_id, k, v))
         tracking.retry(lambda k=k, v=v: c.set_tag(record["parent_run_id"], f"{name}.{k.split('.')[-1]}", v))
-    from pipelines.artifacts import log_stage_artifacts
+    if result.status == "ran":  # a reused stage's artifacts were logged when it ran
+        from pipelines.artifacts import log_stage_artifacts
 
-    log_stage_artifacts(c, run_id, name, outputs, result)
+        log_stage_artifacts(c, run_id, name, outputs, result)
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
 
 
@@ -285,10 +286,12 @@ def init_ray(cfg: RunConfig, ray_address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {"PYTHONUNBUFFERED": "1"}
     if ray_address:
-        ray.init(address=ray_address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        # Attach as is: inside a Ray job a runtime_env that repeats a key of the job's own is refused
+        # (and Ray's error message would print the job's environment).
+        ray.init(address=ray_address, log_to_driver=True)
         return
+    env_vars = {"PYTHONUNBUFFERED": "1"}
     cores = os.cpu_count() or 2
     # Logical CPUs: enough for the Ray Train workers, the tokenizer pool and the reads at once, so a
     # 2-core machine never deadlocks on CPU reservations (the OS shares the real cores).

@@ -30,6 +30,9 @@ def default_tracking_uri(cwd: str | None = None) -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store; relative sqlite paths
+    made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             # Make a relative sqlite path absolute for the workers.

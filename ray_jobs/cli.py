@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute even complete stages")
     p.set_defaults(func=cmd_data)
 
+    # Job submission to a Ray cluster and run comparison (ray_jobs/submit.py, ray_jobs/compare.py).
+    from ray_jobs.compare import add_compare_command
+    from ray_jobs.submit import add_job_commands
+
+    add_job_commands(sub, _add_config_args)
+    add_compare_command(sub)
+
     return parser
 
 
