@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 SHARD_NAME = "rank-{rank:05d}.pt"
 META_NAME = "meta.json"
-UPLOAD_ATTEMPTS = 6
+UPLOAD_ATTEMPTS = 3
 FIRST_BACKOFF_S = 1.0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.config import RunConfig
+from pipelines.retrying_fs import retrying
 from pipelines.train_loop import math_signature
 
 
@@ -82,6 +83,8 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
     run_root = storage.run_dir(cfg.storage.root, cfg.run_name)
     fs, run_root_path = storage.resolve(run_root)
     fs.create_dir(run_root_path, recursive=True)
+    # Ray Train's own run state and our checkpoints ride out short storage outages.
+    fs = retrying(fs, retry_seconds=60.0)
     name = ray_train_run_name(cfg, fp)
     if use_gpu is None:
         import torch

@@ -1,0 +1,143 @@
+"""A pyarrow filesystem that rides out storage outages: every operation is retried with exponential
+backoff for up to ``retry_seconds`` when the store answers with a transient error (a refused or dropped
+connection, throttling, a 5xx), and writes are buffered in memory and sent whole on close, so a write
+that fails half-way is simply sent again.
+
+Ray Train writes its own run state (``checkpoint_manager_snapshot.json``) through the filesystem it is
+given; wrapping the S3 filesystem here keeps a short outage of the object store from killing the run's
+controller. Errors that retrying cannot fix (a missing key, access denied) are raised at once.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+T = TypeVar("T")
+PERMANENT = ("not found", "no such", "does not exist", "access denied", "forbidden", "path does not exist",
+             "is a directory", "not a directory", "invalid")
+
+
+def is_transient(error: BaseException) -> bool:
+    text = str(error).lower()
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(error, OSError) and not any(p in text for p in PERMANENT)
+
+
+class RetryingHandler(pafs.FileSystemHandler):
+    def __init__(self, inner: pafs.FileSystem, retry_seconds: float = 120.0, first_backoff: float = 0.25):
+        self.inner = inner
+        self.retry_seconds = retry_seconds
+        self.first_backoff = first_backoff
+
+    def __reduce__(self):  # travels to Ray workers with the wrapped filesystem
+        return RetryingHandler, (self.inner, self.retry_seconds, self.first_backoff)
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = self.first_backoff
+        while True:
+            try:
+                return fn()
+            except OSError as e:
+                if not is_transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    # ------------------------------------------------------------------ FileSystemHandler
+    def get_type_name(self) -> str:
+        return f"retrying+{self.inner.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def equals(self, other: Any) -> bool:
+        return isinstance(other, RetryingHandler) and self.inner.equals(other.inner)
+
+    def get_file_info(self, paths):
+        return self._retry(lambda: self.inner.get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self._retry(lambda: self.inner.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self._retry(lambda: self.inner.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self._retry(lambda: self.inner.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._retry(lambda: self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the root of a storage filesystem")
+
+    def delete_file(self, path):
+        self._retry(lambda: self.inner.delete_file(path))
+
+    def move(self, src, dest):
+        self._retry(lambda: self.inner.move(src, dest))
+
+    def copy_file(self, src, dest):
+        self._retry(lambda: self.inner.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        data = self._retry(lambda: _read_all(self.inner, path))
+        return pa.BufferReader(data)
+
+    def open_input_file(self, path):
+        data = self._retry(lambda: _read_all(self.inner, path))
+        return pa.BufferReader(data)
+
+    def open_output_stream(self, path, metadata=None):
+        return pa.PythonFile(_BufferedWrite(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path, metadata=None):
+        raise OSError("append is not supported on object storage")
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()
+
+
+class _BufferedWrite(io.RawIOBase):
+    """Collects a write in memory and sends it whole, with retries, when closed."""
+
+    def __init__(self, handler: RetryingHandler, path: str, metadata):
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.buffer = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self.buffer.write(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self.buffer.getvalue()
+
+        def send():
+            with self.handler.inner.open_output_stream(self.path, compression=None, metadata=self.metadata) as f:
+                f.write(data)
+
+        try:
+            self.handler._retry(send)
+        finally:
+            super().close()
+
+
+def retrying(fs: pafs.FileSystem, retry_seconds: float = 120.0) -> pafs.FileSystem:
+    """``fs`` wrapped for outages; local filesystems are returned as they are."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs
+    return pafs.PyFileSystem(RetryingHandler(fs, retry_seconds))

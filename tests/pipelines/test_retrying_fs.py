@@ -1,0 +1,74 @@
+"""The retrying filesystem against a real S3 server on 127.0.0.1 that goes away and comes back."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import boto3
+import pyarrow.fs as pafs
+import pytest
+from moto.server import ThreadedMotoServer
+
+from pipelines.retrying_fs import RetryingHandler, is_transient, retrying
+
+
+@pytest.fixture
+def own_s3(monkeypatch):
+    import uuid
+
+    bucket = f"retry-{uuid.uuid4().hex[:8]}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1",
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+    state = {"server": server, "port": port, "bucket": bucket}
+    yield fs, state
+    state["server"].stop()
+
+
+def test_writes_and_reads_survive_an_outage(own_s3):
+    raw, state = own_s3
+    fs = retrying(raw, retry_seconds=30)
+    b = state["bucket"]
+    with fs.open_output_stream(f"{b}/before.bin") as f:
+        f.write(b"x" * 10)
+    state["server"].stop()
+
+    def come_back():
+        time.sleep(2)
+        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=state["port"], verbose=False)
+        state["server"].start()
+
+    threading.Thread(target=come_back, daemon=True).start()
+    started = time.monotonic()
+    with fs.open_output_stream(f"{b}/during.bin") as f:  # the store is down right now
+        f.write(b"hello")
+    assert time.monotonic() - started >= 1.5
+    with fs.open_input_stream(f"{b}/during.bin") as f:
+        assert f.read() == b"hello"
+    assert fs.get_file_info(f"{b}/before.bin").size == 10
+
+
+def test_permanent_errors_are_not_retried(own_s3):
+    raw, state = own_s3
+    fs = retrying(raw, retry_seconds=30)
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        fs.open_input_stream(f"{state['bucket']}/missing.bin")
+    assert time.monotonic() - started < 5
+    assert not is_transient(FileNotFoundError("x")) and is_transient(OSError("Could not connect to server"))
+
+
+def test_local_filesystems_are_not_wrapped_and_the_wrapper_pickles(own_s3):
+    raw, _ = own_s3
+    local = pafs.LocalFileSystem()
+    assert retrying(local) is local
+    wrapped = retrying(raw)
+    clone = pickle.loads(pickle.dumps(wrapped))
+    assert isinstance(clone.handler, RetryingHandler) and clone.handler.retry_seconds == 120.0
