@@ -67,6 +67,7 @@ NamedParams = Sequence[tuple[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------- Newton-Schulz
+@torch.no_grad()
 def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately orthogonalise one matrix ``[m, n]`` or every matrix of a stack ``[..., m, n]``.
 
@@ -83,13 +84,21 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     out_shape = X.shape
     # Contiguous fp32 before the norm: the same values then give the same bits whatever the input's
     # layout (a transposed view sums in another order), and the scaling loses no bf16 bits.
-    X_KMN = X.reshape(-1, X.shape[-2], X.shape[-1]).float().contiguous()
-    norm_K11 = torch.linalg.vector_norm(X_KMN, dim=(-2, -1), keepdim=True)
-    X_KMN = (X_KMN / (norm_K11 + NS_EPS)).to(dtype)
+    G_KMN = X.reshape(-1, X.shape[-2], X.shape[-1]).float().contiguous()
+    norm_K11 = torch.linalg.vector_norm(G_KMN, dim=(-2, -1), keepdim=True).add_(NS_EPS)
+    K, M, N = G_KMN.shape
+    X_KMN = torch.empty(K, M, N, dtype=dtype, device=G.device)
+    torch.div(G_KMN, norm_K11, out=X_KMN)
+    # Preallocated outputs: fresh multi-MB results each iteration cost page faults (about a third of
+    # the time of a large stack on CPU); the arithmetic is the same.
+    next_KMN = torch.empty_like(X_KMN)
+    A_KMM = torch.empty(K, M, M, dtype=dtype, device=G.device)
+    B_KMM = torch.empty_like(A_KMM)
     for _ in range(steps):
-        A_KMM = torch.bmm(X_KMN, X_KMN.mT)
-        B_KMM = torch.baddbmm(A_KMM, A_KMM, A_KMM, beta=b, alpha=c)
-        X_KMN = torch.baddbmm(X_KMN, B_KMM, X_KMN, beta=a)
+        torch.bmm(X_KMN, X_KMN.mT, out=A_KMM)
+        torch.baddbmm(A_KMM, A_KMM, A_KMM, beta=b, alpha=c, out=B_KMM)
+        torch.baddbmm(X_KMN, B_KMM, X_KMN, beta=a, out=next_KMN)
+        X_KMN, next_KMN = next_KMN, X_KMN
     X = X_KMN.reshape(out_shape)
     return X.mT if tall else X
 

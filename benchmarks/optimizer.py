@@ -1,0 +1,193 @@
+"""Optimizer cost on this machine, side by side in one run, for ``tiny`` and ``small``:
+
+- optimizer step time of MuonClip (Muon + AdamW) against torch's AdamW on the same gradients;
+- the share of a full training step (forward + backward + MuonClip step, batch 8 x 256) spent in
+  Newton-Schulz, measured inside real steps, against a prediction: the Newton-Schulz FLOPs of every
+  same-shape stack priced at this machine's measured bmm rate for exactly those shapes and dtype
+  (bf16, the published iteration dtype; fp32 rates are reported too);
+- the FLOP ratio Newton-Schulz / training, counted, next to the rule of thumb steps * d / tokens
+  (shared/REFERENCE.md section 3);
+- batched Newton-Schulz of an expert stack against a per-matrix loop (tiny: 16 x [64, 128]; small:
+  32 x [256, 512]).
+
+    python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
+
+Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, A A 2 m^3, B X 2 m^2 n.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import k2model.optim as optim
+from benchmarks.common import parse_args, table, time_it, write_json
+from k2model.config import OptimizerConfig, flops_per_token, preset_config
+from k2model.model import build_model
+
+BATCH, SEQ = 8, 256
+
+
+class NewtonSchulzTimer:
+    """Wraps ``k2model.optim.newton_schulz`` (the optimizer calls it by module attribute) and sums the
+    wall time spent inside it."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._original = optim.newton_schulz
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = self._original(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        optim.newton_schulz = timed
+        return self
+
+    def __exit__(self, *exc):
+        optim.newton_schulz = self._original
+
+
+def ns_stacks(opt: optim.MuonClip) -> dict[tuple[int, int], int]:
+    """(m, n) wide shape -> number of matrices the optimizer stacks into one Newton-Schulz batch."""
+    stacks: dict[tuple[int, int], int] = {}
+    for group in opt.param_groups:
+        if group["kind"] != "muon":
+            continue
+        for p in group["params"]:
+            k, rows, cols = optim._matrix_shape(p)
+            key = (min(rows, cols), max(rows, cols))
+            stacks[key] = stacks.get(key, 0) + k
+    return stacks
+
+
+def priced_ns_seconds(m: int, n: int, k: int, steps: int, dtype: torch.dtype, repeats: int
+                      ) -> tuple[float, float]:
+    """(seconds, GFLOP/s) of ``steps`` Newton-Schulz iterations on k stacked [m, n] matrices predicted
+    from plain bmm timings (into preallocated outputs) of the iteration's three products at these
+    shapes; the normalisation and the scaled additions are not priced."""
+    X = torch.randn(k, m, n).to(dtype) * 0.05
+    A = torch.randn(k, m, m).to(dtype) * 0.05
+    out_mm, out_mn = torch.empty(k, m, m, dtype=dtype), torch.empty(k, m, n, dtype=dtype)
+    t_gram = time_it(lambda: torch.bmm(X, X.mT, out=out_mm), repeats)
+    t_square = time_it(lambda: torch.bmm(A, A, out=out_mm), repeats)
+    t_apply = time_it(lambda: torch.bmm(A, X, out=out_mn), repeats)
+    seconds = steps * (t_gram + t_square + t_apply)
+    return seconds, k * optim.newton_schulz_flops(m, n, steps) / seconds / 1e9
+
+
+def measure_preset(name: str, repeats: int, rate_repeats: int) -> dict:
+    cfg = preset_config(name)
+    opt_cfg = OptimizerConfig()
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=0).train()
+    muonclip = optim.build_optimizer(model, opt_cfg, lr=1e-3)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
+    samples: dict[str, list[float]] = {"fwd_bwd": [], "muonclip": [], "ns": [], "adamw": []}
+    for i in range(repeats + 1):  # the first round initialises optimizer state and warms caches
+        t0 = time.perf_counter()
+        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        t1 = time.perf_counter()
+        with NewtonSchulzTimer() as ns:
+            muonclip.step()
+        t2 = time.perf_counter()
+        adamw.step()  # the same gradients; both optimizers move the same weights (timing only)
+        t3 = time.perf_counter()
+        muonclip.zero_grad()
+        model.reset_max_logits()
+        model.reset_expert_load()
+        if i:
+            for key, value in (("fwd_bwd", t1 - t0), ("muonclip", t2 - t1), ("ns", ns.seconds),
+                               ("adamw", t3 - t2)):
+                samples[key].append(value)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    step_seconds = med["fwd_bwd"] + med["muonclip"]
+
+    stacks = ns_stacks(muonclip)
+    steps = opt_cfg.ns_steps
+    priced_bf16 = priced_fp32 = 0.0
+    rates = []
+    for (m, n), k in sorted(stacks.items(), key=lambda kv: -kv[1] * optim.newton_schulz_flops(*kv[0])):
+        s16, r16 = priced_ns_seconds(m, n, k, steps, torch.bfloat16, rate_repeats)
+        s32, r32 = priced_ns_seconds(m, n, k, steps, torch.float32, rate_repeats)
+        priced_bf16 += s16
+        priced_fp32 += s32
+        rates.append({"shape": f"{k}x[{m},{n}]", "bf16_gflops": r16, "fp32_gflops": r32})
+    ns_flops = sum(k * optim.newton_schulz_flops(m, n, steps) for (m, n), k in stacks.items())
+    train_flops = flops_per_token(cfg, SEQ) * BATCH * SEQ
+    return {
+        "step_seconds": step_seconds,
+        "fwd_bwd_seconds": med["fwd_bwd"],
+        "muonclip_step_seconds": med["muonclip"],
+        "adamw_step_seconds": med["adamw"],
+        "muon_over_adamw_step_time": med["muonclip"] / med["adamw"],
+        "ns_seconds_measured": med["ns"],
+        "ns_seconds_priced_bf16": priced_bf16,
+        "ns_seconds_priced_fp32": priced_fp32,
+        "ns_share_measured": med["ns"] / step_seconds,
+        "ns_share_predicted": priced_bf16 / step_seconds,
+        "ns_measured_over_predicted": med["ns"] / priced_bf16,
+        "ns_flops": ns_flops,
+        "train_flops": train_flops,
+        "ns_flop_ratio_counted": ns_flops / train_flops,
+        "ns_flop_ratio_rule_of_thumb": steps * cfg.hidden_size / (BATCH * SEQ),
+        "matmul_rates": rates,
+    }
+
+
+def batched_vs_loop(num: int, m: int, n: int, repeats: int) -> dict:
+    G = torch.randn(num, m, n)
+    batched = time_it(lambda: optim.newton_schulz(G), repeats)
+    loop = time_it(lambda: [optim.newton_schulz(g) for g in G], repeats)
+    return {"batched_s": batched, "loop_s": loop, "speedup": loop / batched}
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, argv)
+    torch.set_num_threads(2)
+    repeats = 2 if args.quick else 5
+    rate_repeats = 2 if args.quick else 5
+    per_preset = {name: measure_preset(name, repeats, rate_repeats) for name in ("tiny", "small")}
+    batched = {
+        "tiny_16x[64,128]": batched_vs_loop(16, 64, 128, 5 if args.quick else 20),
+        "small_32x[256,512]": batched_vs_loop(32, 256, 512, 2 if args.quick else 5),
+    }
+
+    rows = [{"preset": name, "step s": r["step_seconds"], "muonclip s": r["muonclip_step_seconds"],
+             "adamw s": r["adamw_step_seconds"], "muon/adamw": r["muon_over_adamw_step_time"],
+             "NS share": r["ns_share_measured"], "NS share priced": r["ns_share_predicted"],
+             "meas/priced": r["ns_measured_over_predicted"], "NS/train FLOPs": r["ns_flop_ratio_counted"],
+             "5d/tokens": r["ns_flop_ratio_rule_of_thumb"]} for name, r in per_preset.items()]
+    print(table(rows, list(rows[0])))
+    rate_rows = [{"preset": name, **rate} for name, r in per_preset.items() for rate in r["matmul_rates"]]
+    print(table(rate_rows, ["preset", "shape", "bf16_gflops", "fp32_gflops"]))
+    brows = [{"stack": k, **v} for k, v in batched.items()]
+    print(table(brows, ["stack", "batched_s", "loop_s", "speedup"]))
+
+    targets = {
+        "ns_share_within_1.5x_of_priced": {
+            name: 1 / 1.5 <= r["ns_measured_over_predicted"] <= 1.5 for name, r in per_preset.items()},
+        "batched_3x_faster_tiny": batched["tiny_16x[64,128]"]["speedup"] >= 3.0,
+        "batched_no_slower_small": batched["small_32x[256,512]"]["speedup"] >= 1.0,
+    }
+    print("targets:", targets)
+    write_json(args.out, {
+        "batch": [BATCH, SEQ],
+        "quick": args.quick,
+        "muon_over_adamw_step_time": {n: r["muon_over_adamw_step_time"] for n, r in per_preset.items()},
+        "ns_share_measured": {n: r["ns_share_measured"] for n, r in per_preset.items()},
+        "ns_share_predicted": {n: r["ns_share_predicted"] for n, r in per_preset.items()},
+        "batched_speedup": {k: v["speedup"] for k, v in batched.items()},
+        "presets": per_preset,
+        "batched_vs_loop": batched,
+        "targets": targets,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""QK-Clip at work: the same model, data and optimizer trained twice, with and without QK-Clip, and the
+per-step maximum attention logit and loss of both (shared/REFERENCE.md section 4).
+
+Setup (chosen so the logits grow past tau within a few hundred steps on a CPU): ``tiny`` narrowed to 2
+layers, 2 heads and a 512-token vocabulary; AdamW at a high learning rate (2e-2, constant after a
+50-step linear warm-up) with small batches (16 x 64 tokens), a regime where gradient noise inflates the
+query/key weights (with 32-sequence batches the logits stayed under 20 at this learning rate);
+synthetic data from a fixed random Markov chain: each token follows its predecessor through a fixed
+permutation, or with probability 0.1 repeats the token 8 positions back, which rewards sharp attention.
+tau = 30 (K2 uses 100; its small-model ablation used 30). Every step draws new sequences; the logged
+max logit of step t is the one recorded in step t's own forward, i.e. before step t's clip.
+
+What to expect with the clip: the recorded maximum hovers around tau but can exceed it. The clip at
+step t uses the maximum measured before step t's update, so that update's growth is only caught at step
+t+1, and each step's maximum is taken over new sequences (batch-to-batch spread of the maximum). The
+JSON gives the worst step, the 95th percentile and the number of steps above 1.1 tau.
+
+    python -m benchmarks.qk_clip [--quick] --out bench-results/qk_clip.json   (also writes a .png)
+
+The step follows the trainer's order: forward/backward -> set lr -> optimizer step -> qk_clip with the
+recorded max logits -> reset_max_logits -> router-bias update -> reset_expert_load.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import parse_args, table, write_json
+from k2model.config import OptimizerConfig, preset_config
+from k2model.model import build_model
+from k2model.moe import update_router_bias
+from k2model.optim import build_optimizer
+from k2model.qk_clip import qk_clip
+from k2model.schedule import lr_at, set_lr
+
+COPY_OFFSET = 8
+
+
+def _extra(p):
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (quick: 200, full: 400)")
+    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate (constant after warm-up)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--tau", type=float, default=30.0)
+    p.add_argument("--optimizer", choices=["adamw", "muonclip"], default="adamw")
+    p.add_argument("--batch", type=int, default=16, help="sequences of 64 tokens per step")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+
+
+def markov_batch(gen: torch.Generator, next_token: torch.Tensor, batch: int, seq: int,
+                 jump_prob: float = 0.1) -> torch.Tensor:
+    """[batch, seq + 1] tokens: each follows its predecessor through ``next_token``, or with probability
+    ``jump_prob`` repeats the token ``COPY_OFFSET`` positions back (uniform before that position)."""
+    vocab = next_token.shape[0]
+    tokens = torch.empty(batch, seq + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+    jumps = torch.rand(batch, seq, generator=gen) < jump_prob
+    uniform = torch.randint(0, vocab, (batch, seq), generator=gen)
+    for t in range(1, seq + 1):
+        jump_to = tokens[:, t - COPY_OFFSET] if t >= COPY_OFFSET else uniform[:, t - 1]
+        tokens[:, t] = torch.where(jumps[:, t - 1], jump_to, next_token[tokens[:, t - 1]])
+    return tokens
+
+
+def train(clip: bool, steps: int, lr: float, warmup: int, tau: float, optimizer: str, batch: int = 16,
+          seq: int = 64) -> dict[str, list[float]]:
+    cfg = preset_config("tiny", vocab_size=512, num_layers=2, num_heads=2, max_seq_len=seq)
+    model = build_model(cfg, seed=0).train()
+    opt = build_optimizer(model, OptimizerConfig(name=optimizer), lr)
+    gen = torch.Generator().manual_seed(0)
+    next_token = torch.randperm(cfg.vocab_size, generator=gen)
+    curves: dict[str, list[float]] = {"max_logit": [], "loss": [], "num_clipped": []}
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, lr, "constant", min(warmup, steps)))
+        tokens = markov_batch(gen, next_token, batch, seq)
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        opt.step()
+        curves["max_logit"].append(float(model.max_logits.max()))
+        curves["loss"].append(out.lm_loss.item())
+        num_clipped = qk_clip(model, model.max_logits, tau).num_clipped if clip else 0
+        curves["num_clipped"].append(num_clipped)
+        model.reset_max_logits()
+        update_router_bias(model.routers(), model.expert_load(), cfg.router_bias_update_rate)
+        model.reset_expert_load()
+        opt.zero_grad()
+    return curves
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float:
+    tail = values[-n:]
+    return sum(tail) / len(tail)
+
+
+def plot(path: Path, runs: dict[str, dict[str, list[float]]], tau: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_logit, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curves in runs.items():
+        ax_logit.plot(curves["max_logit"], label=label)
+        ax_loss.plot(curves["loss"], label=label)
+    ax_logit.axhline(tau, color="gray", linestyle="--", label=f"tau = {tau:g}")
+    ax_logit.axhline(1.1 * tau, color="gray", linestyle=":", label="1.1 tau")
+    ax_logit.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", title="Max attention logit")
+    ax_loss.set(xlabel="step", ylabel="train loss (nats)", title="Loss", ylim=(0, None))
+    ax_logit.legend()
+    ax_loss.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, argv, _extra)
+    torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it gives
+    steps = args.steps or (200 if args.quick else 400)
+    runs, seconds = {}, {}
+    for label, clip in (("with QK-Clip", True), ("without QK-Clip", False)):
+        t0 = time.perf_counter()
+        runs[label] = train(clip, steps, args.lr, args.warmup, args.tau, args.optimizer, args.batch)
+        seconds[label] = time.perf_counter() - t0
+    with_clip, without_clip = runs["with QK-Clip"], runs["without QK-Clip"]
+    max_with, max_without = max(with_clip["max_logit"]), max(without_clip["max_logit"])
+
+    rows = [{"run": label, "max logit": max(c["max_logit"]), "max / tau": max(c["max_logit"]) / args.tau,
+             "final loss (last 20)": _tail_mean(c["loss"]), "min loss": min(c["loss"]),
+             "p95 / tau": _percentile(c["max_logit"], 0.95) / args.tau,
+             "steps > 1.1 tau": sum(x > 1.1 * args.tau for x in c["max_logit"]),
+             "heads clipped": sum(c["num_clipped"]), "seconds": seconds[label]} for label, c in runs.items()]
+    print(table(rows, list(rows[0])))
+    targets = {"with_clip_max_at_most_1.1_tau": max_with <= 1.1 * args.tau,
+               "without_clip_max_above_2_tau": max_without > 2 * args.tau}
+    print("targets:", targets)
+
+    plot_path = Path(args.plot) if args.plot else (Path(args.out).with_suffix(".png") if args.out else None)
+    if plot_path is not None:
+        plot(plot_path, runs, args.tau)
+        print(f"wrote {plot_path}")
+    write_json(args.out, {
+        "tau": args.tau,
+        "steps": steps,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "optimizer": args.optimizer,
+        "max_logit_with_clip": max_with,
+        "max_logit_without_clip": max_without,
+        "max_logit_with_clip_p95": _percentile(with_clip["max_logit"], 0.95),
+        "steps_above_1.1_tau_with_clip": sum(x > 1.1 * args.tau for x in with_clip["max_logit"]),
+        "steps_above_tau_with_clip": sum(x > args.tau for x in with_clip["max_logit"]),
+        "final_loss_with_clip": _tail_mean(with_clip["loss"]),
+        "final_loss_without_clip": _tail_mean(without_clip["loss"]),
+        "targets": targets,
+        "plot": str(plot_path) if plot_path else None,
+        "curves": runs,
+    })
+
+
+if __name__ == "__main__":
+    main()
