@@ -17,17 +17,29 @@ from k2model.model import build_model
 from k2model.moe import GroupedExperts
 
 
-def step_time(model, ids, repeats: int, record: bool) -> float:
-    model.record_max_logits = record
+def step_times(model, ids, repeats: int) -> tuple[float, float]:
+    """Median fwd+bwd seconds with and without max-logit recording, the two interleaved step by step so
+    the shared machine's drift hits both alike."""
+    import statistics
+    import time
 
-    def step():
+    def step(record: bool) -> float:
+        model.record_max_logits = record
+        t0 = time.perf_counter()
         out = model(ids[:, :-1], ids[:, 1:])
         out.loss.backward()
+        elapsed = time.perf_counter() - t0
         for p in model.parameters():
             p.grad = None
         model.reset_max_logits()
+        return elapsed
 
-    return time_it(step, repeats)
+    step(True), step(False)  # warm-up
+    with_rec, without = [], []
+    for _ in range(repeats):
+        with_rec.append(step(True))
+        without.append(step(False))
+    return statistics.median(with_rec), statistics.median(without)
 
 
 def recorder_peak_memory(cfg, batch: int, seq: int) -> dict[str, int]:
@@ -51,7 +63,7 @@ def main(argv=None) -> None:
     args = parse_args(__doc__, argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    repeats = 3 if args.quick else 8
+    repeats = 5 if args.quick else 20
     results: dict = {"tokens_per_s": {}, "step_seconds": {}, "model_tflops": {}}
     rows = []
     presets = [("tiny", 8, 256), ("small", 8, 256)]
@@ -59,12 +71,8 @@ def main(argv=None) -> None:
         cfg = preset_config(name)
         model = build_model(cfg).train()
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-        reps = 1 if (args.quick and name == "small") else (repeats if name == "tiny" else 3)
-        with_rec = step_time(model, ids, reps, True)
-        without = step_time(model, ids, reps, False)
-        # Interleave once more to average out drift of the shared machine.
-        with_rec = min(with_rec, step_time(model, ids, reps, True))
-        without = min(without, step_time(model, ids, reps, False))
+        reps = (6 if args.quick else 20) if name == "tiny" else (2 if args.quick else 5)
+        with_rec, without = step_times(model, ids, reps)
         tokens = batch * seq
         results["tokens_per_s"][name] = tokens / with_rec
         results["step_seconds"][name] = with_rec
