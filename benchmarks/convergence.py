@@ -111,6 +111,8 @@ def main(argv=None) -> None:
         "adamw_final_loss": adam_final, "muonclip_final_loss": muon_full,
         "muonclip_budget_final_loss": {f"{k:.3f}": v for k, v in sorted(budget_loss.items())},
         "token_ratio_to_adamw_final_loss": ratio,
+        # When even the smallest budget tried reaches AdamW's loss, the ratio is only an upper bound.
+        "token_ratio_is_upper_bound": ratio == min(budget_loss),
         "curves": {k: {str(lr): c for lr, c in v.items()} for k, v in sweep.items()},
     }
     print(table([{"optimizer": k, "best_lr": best[k], "final_val_loss": sweep[k][best[k]][-1][1]} for k in sweep],
