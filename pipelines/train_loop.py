@@ -135,8 +135,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=True), None
-        del missing, unexpected
+        self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.bad_streak = int(state["bad_streak"])
@@ -218,8 +217,6 @@ class Trainer:
             extra["moe/load_imbalance"] = float((load.float().max(dim=1).values / mean).max())
             biases = torch.stack([r.e_score_correction_bias for r in self.model.routers()])
             extra["moe/router_bias_range"] = float(biases.max() - biases.min())
-        self.last_load = load
-        self.last_max_logits = max_logits
         result = StepResult(self.step, loss, lm_loss, float(grad_norm), lr, False, self.tokens_per_step,
                             time.perf_counter() - t0, extra)
         self.step += 1
