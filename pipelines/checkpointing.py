@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,13 @@ SHARD_NAME = "rank-{rank:05d}.pt"
 META_NAME = "meta.json"
 UPLOAD_ATTEMPTS = 3
 FIRST_BACKOFF_S = 1.0
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout. (Ray Train patches ``print`` in workers to also log it, which
+    shows every line twice in the driver's output.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -144,8 +152,6 @@ class CheckpointWriter:
         else:
             self.abandoned.append(step)
             if error is not None:
-                from pipelines.train_loop import say
-
                 say(f"[k2pipe] rank {self.rank}: checkpoint of step {step} abandoned: {error}")
             if self.rank == 0:
                 try:

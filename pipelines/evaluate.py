@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from k2model.model import build_model, is_stacked_expert, to_hf_state_dict
@@ -57,9 +58,8 @@ class ExportOutputs:
 
 def _val_windows(shard_stage_uri: str, manifest: dict[str, Any], seq_len: int, max_windows: int):
     from pipelines.loader import ShardRef, WindowReader
-    from pipelines.pretrain import as_manifest_dict, shard_refs
+    from pipelines.pretrain import shard_refs
 
-    manifest = as_manifest_dict(manifest)
     refs = [ShardRef(**r) for r in shard_refs(shard_stage_uri, manifest, "val")]
     if not refs:
         return
@@ -88,7 +88,6 @@ def run_evaluate(cfg: RunConfig, checkpoint_uri: str, shard_stage_uri: str, mani
     model = load_checkpoint_model(checkpoint_uri, cfg)
     total_loss, total_tokens = 0.0, 0
     batch: list = []
-    import numpy as np
 
     def flush() -> None:
         nonlocal total_loss, total_tokens, batch

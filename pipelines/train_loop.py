@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from k2model.config import flops_per_token
+from pipelines.checkpointing import say
 from pipelines.config import RunConfig, config_from_dict
 
 # Keys of the config that change the math: a checkpoint written under other values is refused.
@@ -62,13 +62,6 @@ class StepResult:
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def say(message: str) -> None:
-    """One line to the worker's stdout. (Ray Train patches ``print`` in workers to also log it, which
-    shows every line twice in the driver's output.)"""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, device: str = "cpu") -> float:
