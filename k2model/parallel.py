@@ -27,6 +27,7 @@ Per-step use by the trainer (after ``torch.distributed.init_process_group``)::
     for micro_batch in step:                                  # every rank runs as many micro-batches
         (model(x, y).loss / num_micro_batches).backward()
     sync_gradients(model, layout)                             # before clipping and the optimizer
+    # (or GradientSync: arm() before the last backward, finish() here, to overlap the two)
     grad_norm = clip_grad_norm_(model, layout, max_norm)      # equal on every rank
     if all_ranks_finite(torch.isfinite(grad_norm) & torch.isfinite(loss)):
         optimizer.step()
@@ -77,6 +78,11 @@ class ParallelLayout:
         """This rank's ep group (token exchange; sums of expert statistics)."""
         self.expert_replica_group: dist.ProcessGroup | None = None
         """The ranks holding the same experts as this one (expert gradient all-reduce)."""
+        self.grad_group: dist.ProcessGroup | None = None
+        """All ranks, in a group of its own: gradient buckets reduced asynchronously during the backward
+        never share a group (and so a sequence of collectives) with the dispatch all-to-alls."""
+        self.expert_grad_group: dist.ProcessGroup | None = None
+        """The expert replica ranks, in a group of its own (see ``grad_group``)."""
         self.has_groups = False
         if create_groups and world_size > 1:
             self._create_groups(timeout)
@@ -129,14 +135,22 @@ class ParallelLayout:
                                          timeout)
         self.expert_replica_group = self._make_group([self.expert_replica_ranks(i) for i in range(self.ep)],
                                                      timeout)
+        self.grad_group = self._make_group([list(range(self.world_size))], timeout, dedicated=True)
+        if self.num_expert_replicas == self.world_size:
+            self.expert_grad_group = self.grad_group
+        else:
+            self.expert_grad_group = self._make_group([self.expert_replica_ranks(i) for i in range(self.ep)],
+                                                      timeout, dedicated=True)
         self.has_groups = True
 
-    def _make_group(self, all_ranks: list[list[int]], timeout: timedelta | None) -> dist.ProcessGroup | None:
-        """Every rank walks the same list (new_group is collective over the world) and keeps its own."""
+    def _make_group(self, all_ranks: list[list[int]], timeout: timedelta | None,
+                    dedicated: bool = False) -> dist.ProcessGroup | None:
+        """Every rank walks the same list (new_group is collective over the world) and keeps its own.
+        Without ``dedicated``, a group of the whole world is ``dist.group.WORLD`` itself."""
         size = len(all_ranks[0])
         if size == 1:
             return None
-        if size == self.world_size:
+        if size == self.world_size and not dedicated:
             return dist.group.WORLD
         mine = None
         for ranks in all_ranks:
@@ -195,31 +209,110 @@ def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def _buckets(tensors: list[torch.Tensor], bucket_numel: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of same-(device, dtype) tensors of about ``bucket_numel`` elements each."""
-    by_kind: dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]] = {}
-    for t in tensors:
-        runs = by_kind.setdefault((t.device, t.dtype), [[]])
-        if runs[-1] and sum(x.numel() for x in runs[-1]) + t.numel() > bucket_numel:
-            runs.append([])
-        runs[-1].append(t)
-    return [run for runs in by_kind.values() for run in runs if run]
+def _param_buckets(params: list[nn.Parameter], group_of: dict[int, dist.ProcessGroup | None],
+                   bucket_numel: int) -> list[tuple[list[nn.Parameter], dist.ProcessGroup | None]]:
+    """Consecutive runs of ``params`` with the same reduction group, device and dtype, of about
+    ``bucket_numel`` elements each: (parameters, group)."""
+    buckets: list[tuple[list[nn.Parameter], dist.ProcessGroup | None]] = []
+    key = None
+    size = 0
+    for p in params:
+        group = group_of[id(p)]
+        p_key = (id(group), p.device, p.dtype)
+        if p_key != key or size + p.numel() > bucket_numel:
+            buckets.append(([], group))
+            key, size = p_key, 0
+        buckets[-1][0].append(p)
+        size += p.numel()
+    return buckets
 
 
-def _all_reduce_average(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, divisor: int,
-                        bucket_numel: int) -> None:
-    """In place: t <- (sum of t over ``group``) / divisor, one collective per bucket. Low-precision
-    gradients are reduced in fp32 so the sum over many ranks does not lose bits."""
-    for bucket in _buckets(tensors, bucket_numel):
-        reduce_dtype = torch.promote_types(bucket[0].dtype, torch.float32)
-        flat = torch.cat([t.reshape(-1).to(reduce_dtype) for t in bucket])
-        if group is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(divisor)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+class GradientSync:
+    """``sync_gradients``, optionally overlapped with the last backward of a step (the DDP idea).
+
+    Gradients are bucketed in reverse parameter order (the order in which the backward produces them).
+    After ``arm()``, a hook on each parameter counts the gradients that have been accumulated; when a
+    bucket is complete and every bucket before it has been launched, it is flattened (fp32) and its
+    all-reduce starts asynchronously, so communication runs while the backward goes on. ``finish()``
+    launches what is left (a parameter that got no gradient in the armed backward, e.g. an expert stack
+    that received no tokens, has its bucket launched there, with zeros for a missing gradient), waits,
+    divides by the world size and copies the results back.
+
+    Buckets are launched strictly in order, so every rank issues the same collectives in the same order
+    whatever the timing; they use the layout's own gradient groups, never the group that carries the
+    expert all-to-alls inside the backward. Each element's sum is the same as in the blocking version,
+    so the result does not depend on ``overlap``. Without ``arm()`` nothing runs in the backward and
+    ``finish()`` does it all (that is ``sync_gradients``).
+    """
+
+    def __init__(self, model: nn.Module, layout: ParallelLayout, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+                 overlap: bool = True):
+        layout._need_groups()
+        self.layout = layout
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets: list[tuple[list[nn.Parameter], dist.ProcessGroup | None]] = []
+        self._hooks = []
+        if layout.world_size > 1:
+            experts = {id(p) for p in _split_params(model)[1]}
+            group_of = {id(p): layout.expert_grad_group if id(p) in experts else layout.grad_group
+                        for p in self.params}
+            self.buckets = _param_buckets(self.params[::-1], group_of, bucket_numel)
+            if overlap:
+                self._bucket_of = {id(p): i for i, (params, _) in enumerate(self.buckets) for p in params}
+                self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._armed = False
+        self.last_num_overlapped = 0
+        """How many buckets the last ``finish()`` found already launched during the backward."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._missing = [len(params) for params, _ in self.buckets]
+        self._next = 0
+        self._pending: list[tuple[int, torch.Tensor, dist.Work | None]] = []
+
+    def arm(self) -> None:
+        """Call before the last backward of the step: reduce gradients as soon as they are final."""
+        self._reset()
+        self._armed = bool(self._hooks)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        i = self._bucket_of[id(p)]
+        self._missing[i] -= 1
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._launch(self._next)
+
+    def _launch(self, i: int) -> None:
+        params, group = self.buckets[i]
+        reduce_dtype = torch.promote_types(params[0].dtype, torch.float32)
+        flat = torch.cat([p.grad.reshape(-1).to(reduce_dtype) for p in params])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True) if group else None
+        self._pending.append((i, flat, work))
+        self._next = i + 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Complete the step's gradient synchronisation (see the class docstring); disarms."""
+        self._armed = False
+        self.last_num_overlapped = self._next
+        _grads(self.params)
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for i, flat, work in self._pending:
+            if work is not None:
+                work.wait()
+            flat.div_(self.layout.world_size)
+            offset = 0
+            for p in self.buckets[i][0]:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self._reset()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @torch.no_grad()
@@ -227,14 +320,9 @@ def sync_gradients(model: nn.Module, layout: ParallelLayout,
                    bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
     """Turn each rank's gradient of its local mean loss into the gradient of the global mean loss (see
     the module docstring): replicated parameters averaged over all ranks, expert parameters summed over
-    their replica group and divided by the world size. Call once per step, after the last backward."""
-    layout._need_groups()
-    replicated, experts = _split_params(model)
-    if layout.world_size == 1:
-        _grads(replicated + experts)
-        return
-    _all_reduce_average(_grads(replicated), dist.group.WORLD, layout.world_size, bucket_numel)
-    _all_reduce_average(_grads(experts), layout.expert_replica_group, layout.world_size, bucket_numel)
+    their replica group and divided by the world size. Call once per step, after the last backward
+    (the trainer uses ``GradientSync`` to overlap this with the backward)."""
+    GradientSync(model, layout, bucket_numel, overlap=False).finish()
 
 
 def _collective_device(group: dist.ProcessGroup | None = None) -> torch.device:

@@ -2,7 +2,8 @@
 
 One step (every rank in lockstep):
   micro-batches: forward, (loss / accumulation).backward()
-  -> gradient sync (replicated params averaged; expert params summed over holders / world)
+  -> gradient sync, overlapped with the last backward (replicated params averaged; expert params summed
+     over holders / world)
   -> global gradient norm; a non-finite loss or norm on ANY rank skips the step everywhere
   -> clip, set the scheduled learning rate, optimizer step (MuonClip or AdamW)
   -> QK-Clip on the step's max logits (MAX over ranks), router-bias update from the load summed over ranks
@@ -86,7 +87,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, batches, val_batches, device: torch.device | None = None):
         from k2model.optim import build_optimizer
-        from k2model.parallel import ParallelLayout, build_parallel_model
+        from k2model.parallel import GradientSync, ParallelLayout, build_parallel_model
 
         self.cfg = cfg
         self.device = device or torch.device("cpu")
@@ -99,6 +100,7 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr,
                                          rank_local=is_local_expert if self.layout.ep > 1 else None)
+        self.grad_sync = GradientSync(self.model, self.layout)
         self.batches = batches
         self.val_batches = val_batches
         self.step = 0
@@ -145,7 +147,6 @@ class Trainer:
             clip_grad_norm_,
             global_grad_norm,
             sum_expert_load,
-            sync_gradients,
         )
         from k2model.qk_clip import qk_clip
         from k2model.schedule import lr_at
@@ -165,12 +166,14 @@ class Trainer:
             if self.step in self._nan_steps and micro == 0:
                 self._nan_steps.discard(self.step)  # each injected step fires once per process
                 out.loss = out.loss * float("nan")
+            if micro == self.accum - 1:
+                self.grad_sync.arm()  # gradient all-reduce overlaps the last backward
             (out.loss / self.accum).backward()
             loss_sum += out.loss.item()
             lm_sum += out.lm_loss.item()
         loss, lm_loss = loss_sum / self.accum, lm_sum / self.accum
 
-        sync_gradients(self.model, self.layout)
+        self.grad_sync.finish()
         if t.grad_clip > 0:
             grad_norm = clip_grad_norm_(self.model, self.layout, t.grad_clip)
         else:
