@@ -43,9 +43,10 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
-def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
-            ) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None,
+            stat: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls, summarised by ``stat`` (median;
+    ``min`` estimates the cost without interference from other load)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -57,7 +58,7 @@ def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

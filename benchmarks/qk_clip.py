@@ -65,8 +65,8 @@ def markov_batch(gen: torch.Generator, next_token: torch.Tensor, batch: int, seq
 
 
 def train(clip: bool, steps: int, lr: float, warmup: int, tau: float, optimizer: str, batch: int = 16,
-          seq: int = 64) -> dict[str, list[float]]:
-    cfg = preset_config("tiny", vocab_size=512, num_layers=2, num_heads=2, max_seq_len=seq)
+          seq: int = 64, vocab: int = 512) -> dict[str, list[float]]:
+    cfg = preset_config("tiny", vocab_size=vocab, num_layers=2, num_heads=2, max_seq_len=seq)
     model = build_model(cfg, seed=0).train()
     opt = build_optimizer(model, OptimizerConfig(name=optimizer), lr)
     gen = torch.Generator().manual_seed(0)

@@ -60,6 +60,8 @@ from k2model.config import OptimizerConfig
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+NS_CHUNK_BYTES = 8 << 20
+"""Newton-Schulz iterates a large stack in sub-stacks of at most this many bytes (see ``newton_schulz``)."""
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 STATE_FORMAT = "k2pipe.muonclip/1"
 
@@ -68,13 +70,19 @@ NamedParams = Sequence[tuple[str, torch.Tensor]]
 
 # ---------------------------------------------------------------------- Newton-Schulz
 @torch.no_grad()
-def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                  chunk_bytes: int = NS_CHUNK_BYTES) -> torch.Tensor:
     """Approximately orthogonalise one matrix ``[m, n]`` or every matrix of a stack ``[..., m, n]``.
 
     Each matrix is scaled by its own Frobenius norm (so its spectral norm is at most 1), then ``steps``
     quintic iterations X <- a X + (b A + c A^2) X with A = X X^T run in ``dtype``; a stack is one batched
     matmul chain. Tall matrices are iterated as their transpose (the smaller Gram matrix) and transposed
     back. Returns ``dtype``, same shape as ``G``; the singular values land in roughly [0.7, 1.2].
+
+    A stack larger than ``chunk_bytes`` (its iterate in ``dtype``) runs as consecutive sub-stacks of that
+    size through the same work buffers: each sub-stack is still one batched chain, but its iterates stay
+    in cache between the products, and no per-call buffer as large as the whole stack is touched. Every
+    matrix is computed on its own in either case, so the chunking does not change the result.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
@@ -82,24 +90,34 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     tall = G.shape[-2] > G.shape[-1]
     X = G.mT if tall else G
     out_shape = X.shape
-    # Contiguous fp32 before the norm: the same values then give the same bits whatever the input's
-    # layout (a transposed view sums in another order), and the scaling loses no bf16 bits.
-    G_KMN = X.reshape(-1, X.shape[-2], X.shape[-1]).float().contiguous()
-    norm_K11 = torch.linalg.vector_norm(G_KMN, dim=(-2, -1), keepdim=True).add_(NS_EPS)
+    G_KMN = X.reshape(-1, X.shape[-2], X.shape[-1])
     K, M, N = G_KMN.shape
-    X_KMN = torch.empty(K, M, N, dtype=dtype, device=G.device)
-    torch.div(G_KMN, norm_K11, out=X_KMN)
-    # Preallocated outputs: fresh multi-MB results each iteration cost page faults (about a third of
-    # the time of a large stack on CPU); the arithmetic is the same.
-    next_KMN = torch.empty_like(X_KMN)
-    A_KMM = torch.empty(K, M, M, dtype=dtype, device=G.device)
+    out_KMN = torch.empty(K, M, N, dtype=dtype, device=G.device)
+    per_chunk = max(1, min(K, chunk_bytes // (M * N * out_KMN.element_size())))
+    # Work buffers, reused by every chunk: fresh multi-MB results each iteration cost page faults (about
+    # a third of the time of a large stack on CPU); the arithmetic is the same.
+    work_KMN = torch.empty(per_chunk, M, N, dtype=dtype, device=G.device)
+    A_KMM = torch.empty(per_chunk, M, M, dtype=dtype, device=G.device)
     B_KMM = torch.empty_like(A_KMM)
-    for _ in range(steps):
-        torch.bmm(X_KMN, X_KMN.mT, out=A_KMM)
-        torch.baddbmm(A_KMM, A_KMM, A_KMM, beta=b, alpha=c, out=B_KMM)
-        torch.baddbmm(X_KMN, B_KMM, X_KMN, beta=a, out=next_KMN)
-        X_KMN, next_KMN = next_KMN, X_KMN
-    X = X_KMN.reshape(out_shape)
+    for start in range(0, K, per_chunk):
+        k = min(per_chunk, K - start)
+        # Contiguous fp32 before the norm: the same values then give the same bits whatever the input's
+        # layout (a transposed view sums in another order), and the scaling loses no bf16 bits.
+        g_KMN = G_KMN[start:start + k].float().contiguous()
+        norm_K11 = torch.linalg.vector_norm(g_KMN, dim=(-2, -1), keepdim=True).add_(NS_EPS)
+        # The iterate alternates between the chunk's slice of the output and the work buffer; with an
+        # odd number of steps it starts in the work buffer so that it ends in the output.
+        x_KMN, next_KMN = out_KMN[start:start + k], work_KMN[:k]
+        if steps % 2:
+            x_KMN, next_KMN = next_KMN, x_KMN
+        torch.div(g_KMN, norm_K11, out=x_KMN)
+        A, B = A_KMM[:k], B_KMM[:k]
+        for _ in range(steps):
+            torch.bmm(x_KMN, x_KMN.mT, out=A)
+            torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+            torch.baddbmm(x_KMN, B, x_KMN, beta=a, out=next_KMN)
+            x_KMN, next_KMN = next_KMN, x_KMN
+    X = out_KMN.reshape(out_shape)
     return X.mT if tall else X
 
 

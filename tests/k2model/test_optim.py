@@ -77,6 +77,22 @@ def test_newton_schulz_batched_equals_per_matrix():
                                    rtol=0, atol=1e-2)
 
 
+@pytest.mark.parametrize("steps", [5, 4, 0])
+def test_newton_schulz_in_chunks_equals_one_chain(steps):
+    """A stack split into sub-stacks (3 matrices each, the last one shorter) gives the one-chain result;
+    odd, even and zero step counts all end in the returned tensor."""
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(8, 64, 128), (7, 96, 32)]:
+        G = torch.randn(shape, generator=gen)
+        whole = newton_schulz(G, steps, chunk_bytes=1 << 40)
+        m, n = min(shape[-2:]), max(shape[-2:])
+        chunked = newton_schulz(G, steps, chunk_bytes=3 * m * n * 2)
+        torch.testing.assert_close(chunked.float(), whole.float(), rtol=0, atol=1e-2)
+        if steps == 0:
+            torch.testing.assert_close(whole.float(), (G / G.norm(dim=(-2, -1), keepdim=True)).float(),
+                                       rtol=1e-2, atol=1e-3)
+
+
 def test_newton_schulz_rejects_vectors_and_counts_flops():
     with pytest.raises(ValueError, match="matrix"):
         newton_schulz(torch.randn(7))
