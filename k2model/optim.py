@@ -81,8 +81,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
 
     A stack larger than ``chunk_bytes`` (its iterate in ``dtype``) runs as consecutive sub-stacks of that
     size through the same work buffers: each sub-stack is still one batched chain, but its iterates stay
-    in cache between the products, and no per-call buffer as large as the whole stack is touched. Every
-    matrix is computed on its own in either case, so the chunking does not change the result.
+    in cache between the products, and no per-call buffer as large as the whole stack is touched. Each
+    matrix goes through the same arithmetic either way (bit-for-bit the same result on the CPUs this was
+    developed on; tests/k2model/test_optim.py).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
@@ -111,11 +112,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
         if steps % 2:
             x_KMN, next_KMN = next_KMN, x_KMN
         torch.div(g_KMN, norm_K11, out=x_KMN)
-        A, B = A_KMM[:k], B_KMM[:k]
+        gram_KMM, poly_KMM = A_KMM[:k], B_KMM[:k]
         for _ in range(steps):
-            torch.bmm(x_KMN, x_KMN.mT, out=A)
-            torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
-            torch.baddbmm(x_KMN, B, x_KMN, beta=a, out=next_KMN)
+            torch.bmm(x_KMN, x_KMN.mT, out=gram_KMM)
+            torch.baddbmm(gram_KMM, gram_KMM, gram_KMM, beta=b, alpha=c, out=poly_KMM)
+            torch.baddbmm(x_KMN, poly_KMM, x_KMN, beta=a, out=next_KMN)
             x_KMN, next_KMN = next_KMN, x_KMN
     X = out_KMN.reshape(out_shape)
     return X.mT if tall else X
