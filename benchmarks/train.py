@@ -9,6 +9,14 @@ router-bias update) on synthetic token batches, in processes joined by gloo, wit
 around it.
 
     python -m benchmarks.train [--quick] --out bench-results/train.json
+
+With ``--device cuda`` (or ``--device cpu`` as a dry run) it measures instead one process on that device:
+``small`` (``--preset``) in bf16 autocast on a GPU, tokens/s and MFU against the device's measured matmul
+throughput in the same run (bf16 on a GPU, fp32 on a CPU), where a step's time goes (forward and backward,
+gradient sync, clipping, optimizer step and its Newton-Schulz, QK-Clip, router-bias update; each timed
+between device synchronisations in a second pass) and the Newton-Schulz share of the step:
+
+    python -m benchmarks.train --device cuda --out bench-results/train-gpu.json
 """
 
 from __future__ import annotations
@@ -95,8 +103,104 @@ def run_layout(preset: str, workers: int, ep: int, steps: int, seq: int, micro: 
             "model_flops_per_s": tokens * flops_per_token(cfg.model, seq) / step_s}
 
 
+def _device_args(p) -> None:
+    p.add_argument("--device", default=None, help="measure one process on this device (cuda, cpu) instead")
+    p.add_argument("--preset", default="small", help="with --device: the model preset")
+    p.add_argument("--seq", type=int, default=None, help="with --device: sequence length (cuda 1024, cpu 256)")
+    p.add_argument("--micro", type=int, default=None, help="with --device: micro-batch (cuda 16, cpu 4)")
+    p.add_argument("--global-batch", type=int, default=None, help="with --device: global batch (cuda 64, cpu 8)")
+    p.add_argument("--steps", type=int, default=None, help="with --device: timed steps (cuda 20, cpu 3)")
+
+
+def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, micro: int,
+                     global_batch: int) -> dict:
+    """One process on ``device``: throughput, MFU and a per-phase breakdown of the trainer's step."""
+    import k2model.moe
+    import k2model.optim
+    import k2model.parallel
+    import k2model.qk_clip
+    from k2model.config import flops_per_token
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = measure_matmul_flops(dtype, size=8192 if cuda else 1024, device=device.type)
+    cfg = _config(preset, 1, 1, micro, global_batch, seq, torch.get_num_threads())
+    trainer = Trainer(cfg, SyntheticBatches(cfg.model.vocab_size, micro, seq, 0), [], device=device)
+    for _ in range(2):  # warm-up: optimizer state, kernels, allocator
+        trainer.train_step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync()
+    step_s = (time.perf_counter() - t0) / steps
+
+    # Second pass: each phase between synchronisations. The trainer looks these functions up at call
+    # time (module attributes), so wrapping the attributes times the real step.
+    phases: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return wrapper
+
+    patches = [(k2model.optim, "newton_schulz"), (k2model.parallel, "clip_grad_norm_"),
+               (k2model.qk_clip, "qk_clip"), (k2model.moe, "update_router_bias")]
+    originals = [getattr(m, n) for m, n in patches]
+    for (module, name), fn in zip(patches, originals):
+        setattr(module, name, timed(name, fn))
+    trainer.optimizer.step = timed("optimizer_step", trainer.optimizer.step)
+    trainer.grad_sync.finish = timed("gradient_sync", trainer.grad_sync.finish)
+    try:
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        sync()
+        timed_step_s = (time.perf_counter() - t1) / steps
+    finally:
+        for (module, name), fn in zip(patches, originals):
+            setattr(module, name, fn)
+    breakdown = {name: seconds / steps for name, seconds in phases.items()}
+    breakdown["optimizer_step_without_newton_schulz"] = (breakdown.get("optimizer_step", 0.0)
+                                                         - breakdown.get("newton_schulz", 0.0))
+    breakdown["forward_backward_and_rest"] = timed_step_s - sum(
+        v for k, v in breakdown.items() if k not in ("newton_schulz", "optimizer_step_without_newton_schulz"))
+    tokens = global_batch * seq
+    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "preset": preset, "dtype": "bfloat16 autocast" if cuda else "float32", "seq_len": seq,
+              "micro_batch": micro, "global_batch": global_batch, "steps": steps,
+              "matmul_flops_per_s": peak, "step_s": step_s, "tokens_per_s": tokens / step_s,
+              "mfu": tokens * flops_per_token(cfg.model, seq) / step_s / peak,
+              "timed_step_s": timed_step_s, "breakdown_s": breakdown,
+              "ns_share": breakdown.get("newton_schulz", 0.0) / timed_step_s}
+    if cuda:
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
 def main(argv=None) -> None:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=_device_args)
+    if args.device:
+        device = torch.device(args.device)
+        cuda = device.type == "cuda"
+        r = device_breakdown(args.preset, device, args.steps or (20 if cuda else 3),
+                             args.seq or (1024 if cuda else 256), args.micro or (16 if cuda else 4),
+                             args.global_batch or (64 if cuda else 8))
+        print(f"{r['preset']} on {r['device_name']}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%} of the "
+              f"measured {r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; Newton-Schulz share {r['ns_share']:.1%}")
+        print(table([{"phase": k, "seconds": v, "share": v / r["timed_step_s"]} for k, v in r["breakdown_s"].items()],
+                    ["phase", "seconds", "share"]))
+        write_json(args.out, r)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(2)
     peak = measure_matmul_flops(torch.float32, size=1024)
