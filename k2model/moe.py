@@ -60,6 +60,10 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E:
         # No rows on this rank: keep the graph connected to the input and the weights so every expert
         # parameter gets a (zero) gradient and the backward all-to-all runs on every rank.
         return x_MI.new_zeros(0, w_EOI.shape[1]) + 0 * (w_EOI.sum() + x_MI.sum())
+    if w_EOI.dtype != x_MI.dtype and torch.is_autocast_enabled(x_MI.device.type):
+        # What autocast does for a linear layer (grouped_mm may not be on its list): fp32 weights are
+        # cast to the activations' dtype; gradients still reach the fp32 parameter.
+        w_EOI = w_EOI.to(x_MI.dtype)
     if _grouped_mm_supported(x_MI, w_EOI):
         offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offsets))

@@ -152,6 +152,20 @@ def test_grouped_linear_matches_loop_including_empty_experts(out_dim, in_dim):
         x.grad, w.grad = None, None
 
 
+def test_bf16_autocast_matches_fp32_and_keeps_fp32_gradients():
+    """The GPU recipe (bf16 autocast over fp32 parameters), run on the CPU: the experts' grouped matmul
+    takes bf16 activations with fp32 weights, the loss stays close to fp32, every gradient is fp32."""
+    model = build_model(preset_config("tiny"), seed=0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids[:, :-1], ids[:, 1:]).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], ids[:, 1:])
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), reference, rtol=1e-2, atol=0)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_bias_changes_choice_but_not_gate_values():
     cfg = tiny(init_std=0.05)
     router = moe_layer(cfg).gate
