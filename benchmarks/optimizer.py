@@ -3,8 +3,9 @@
 - optimizer step time of MuonClip (Muon + AdamW) against torch's AdamW on the same gradients;
 - the share of a full training step (forward + backward + MuonClip step, batch 8 x 256) spent in
   Newton-Schulz, measured inside real steps, against a prediction: the Newton-Schulz FLOPs of every
-  same-shape stack priced at this machine's measured bmm rate for exactly those shapes and dtype
-  (bf16, the published iteration dtype; fp32 rates are reported too);
+  same-shape stack priced at this machine's measured bmm rate for exactly those shapes and the dtype
+  the optimizer iterates in (``optimizer.ns_dtype=auto``: bf16 where this CPU multiplies bf16 natively,
+  else fp32; both rates are reported, with ``--ns-dtype`` to force one);
 - the FLOP ratio Newton-Schulz / training, counted, next to the rule of thumb steps * d / tokens
   (shared/REFERENCE.md section 3);
 - batched Newton-Schulz of an expert stack against a per-matrix loop (tiny: 16 x [64, 128]; small:
@@ -80,9 +81,9 @@ def priced_ns_seconds(m: int, n: int, k: int, steps: int, dtype: torch.dtype, re
     return seconds, k * optim.newton_schulz_flops(m, n, steps) / seconds / 1e9
 
 
-def measure_preset(name: str, repeats: int, rate_repeats: int) -> dict:
+def measure_preset(name: str, repeats: int, rate_repeats: int, ns_dtype: str = "auto") -> dict:
     cfg = preset_config(name)
-    opt_cfg = OptimizerConfig()
+    opt_cfg = OptimizerConfig(ns_dtype=ns_dtype)
     torch.manual_seed(0)
     model = build_model(cfg, seed=0).train()
     muonclip = optim.build_optimizer(model, opt_cfg, lr=1e-3)
@@ -121,9 +122,11 @@ def measure_preset(name: str, repeats: int, rate_repeats: int) -> dict:
         priced_bf16 += s16
         priced_fp32 += s32
         rates.append({"shape": f"{k}x[{m},{n}]", "bf16_gflops": r16, "fp32_gflops": r32})
+    priced = {"bfloat16": priced_bf16, "float32": priced_fp32}[muonclip.ns_dtype]
     ns_flops = sum(k * optim.newton_schulz_flops(m, n, steps) for (m, n), k in stacks.items())
     train_flops = flops_per_token(cfg, SEQ) * BATCH * SEQ
     return {
+        "ns_dtype": muonclip.ns_dtype,
         "step_seconds": step_seconds,
         "fwd_bwd_seconds": med["fwd_bwd"],
         "muonclip_step_seconds": med["muonclip"],
@@ -133,8 +136,8 @@ def measure_preset(name: str, repeats: int, rate_repeats: int) -> dict:
         "ns_seconds_priced_bf16": priced_bf16,
         "ns_seconds_priced_fp32": priced_fp32,
         "ns_share_measured": ns_seconds / step_seconds,
-        "ns_share_predicted": priced_bf16 / step_seconds,
-        "ns_measured_over_predicted": ns_seconds / priced_bf16,
+        "ns_share_predicted": priced / step_seconds,
+        "ns_measured_over_predicted": ns_seconds / priced,
         "ns_flops": ns_flops,
         "train_flops": train_flops,
         "ns_flop_ratio_counted": ns_flops / train_flops,
@@ -143,25 +146,34 @@ def measure_preset(name: str, repeats: int, rate_repeats: int) -> dict:
     }
 
 
-def batched_vs_loop(num: int, m: int, n: int, repeats: int) -> dict:
+def batched_vs_loop(num: int, m: int, n: int, repeats: int, dtype: torch.dtype) -> dict:
+    """One batched chain against a per-matrix loop, calls alternating; each keeps its fastest call, so
+    drifting load from elsewhere on the machine reaches both sides alike."""
     G = torch.randn(num, m, n)
-    batched = time_it(lambda: optim.newton_schulz(G), repeats)
-    loop = time_it(lambda: [optim.newton_schulz(g) for g in G], repeats)
-    return {"batched_s": batched, "loop_s": loop, "speedup": loop / batched}
+    calls = {"batched_s": lambda: optim.newton_schulz(G, dtype=dtype),
+             "loop_s": lambda: [optim.newton_schulz(g, dtype=dtype) for g in G]}
+    best = {name: time_it(fn, 1, stat=min) for name, fn in calls.items()}  # includes one warm-up call each
+    for _ in range(repeats - 1):
+        for name, fn in calls.items():
+            best[name] = min(best[name], time_it(fn, 1, warmup=0, stat=min))
+    return {**best, "speedup": best["loop_s"] / best["batched_s"]}
 
 
 def main(argv=None) -> None:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, lambda p: p.add_argument(
+        "--ns-dtype", default="auto", choices=["auto", *optim.NS_DTYPES], help="Newton-Schulz dtype (default auto)"))
     torch.set_num_threads(2)
     repeats = 3 if args.quick else 6
     rate_repeats = 5 if args.quick else 10
-    per_preset = {name: measure_preset(name, repeats, rate_repeats) for name in ("tiny", "small")}
+    per_preset = {name: measure_preset(name, repeats, rate_repeats, args.ns_dtype) for name in ("tiny", "small")}
+    ns_dtype = optim.NS_DTYPES[optim.resolve_ns_dtype(args.ns_dtype, "cpu")]
     batched = {
-        "tiny_16x[64,128]": batched_vs_loop(16, 64, 128, 5 if args.quick else 20),
-        "small_32x[256,512]": batched_vs_loop(32, 256, 512, 2 if args.quick else 5),
+        "tiny_16x[64,128]": batched_vs_loop(16, 64, 128, 20 if args.quick else 50, ns_dtype),
+        "small_32x[256,512]": batched_vs_loop(32, 256, 512, 3 if args.quick else 6, ns_dtype),
     }
 
-    rows = [{"preset": name, "step s": r["step_seconds"], "muonclip s": r["muonclip_step_seconds"],
+    rows = [{"preset": name, "NS dtype": r["ns_dtype"], "step s": r["step_seconds"],
+             "muonclip s": r["muonclip_step_seconds"],
              "adamw s": r["adamw_step_seconds"], "muon/adamw": r["muon_over_adamw_step_time"],
              "NS share": r["ns_share_measured"], "NS share priced": r["ns_share_predicted"],
              "meas/priced": r["ns_measured_over_predicted"], "NS/train FLOPs": r["ns_flop_ratio_counted"],

@@ -461,8 +461,11 @@ class OptimizerConfig:
     """Use the Nesterov form G + mu*M."""
     ns_steps: int = 5
     """Newton-Schulz iterations."""
-    ns_dtype: str = "bfloat16"
-    """Dtype of the Newton-Schulz iteration: ``bfloat16`` (published) or ``float32``."""
+    ns_dtype: str = "auto"
+    """Dtype of the Newton-Schulz iteration: ``bfloat16`` (the published recipe), ``float32``, or ``auto``:
+    bf16 where the hardware multiplies it natively (GPUs; CPUs with AMX, AVX512-BF16 or Arm BF16), fp32
+    elsewhere, where bf16 products are emulated and about 10x slower (``k2model.optim.resolve_ns_dtype``).
+    The resolved dtype is saved with the optimizer state, so a resumed run keeps the one it started with."""
     rms_scale: float = 0.2
     """Update-RMS matching: update = rms_scale * sqrt(max(rows, cols)) * NS(M)."""
     adam_beta1: float = 0.9
@@ -488,7 +491,7 @@ class OptimizerConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.momentum < 1, "momentum", "must lie in [0, 1)")
         need(isinstance(self.ns_steps, int) and self.ns_steps >= 1, "ns_steps", "must be a positive integer")
-        need(self.ns_dtype in ("bfloat16", "float32"), "ns_dtype", "must be 'bfloat16' or 'float32'")
+        need(self.ns_dtype in ("auto", "bfloat16", "float32"), "ns_dtype", "must be 'auto', 'bfloat16' or 'float32'")
         need(self.rms_scale > 0, "rms_scale", "must be > 0")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must lie in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "must lie in [0, 1)")

@@ -3,8 +3,9 @@ single-process or data-parallel (shared/REFERENCE.md sections 3-4; QK-Clip is k2
 
 Muon (per matrix W with gradient G, momentum M):
 - M = mu*M + G; Nesterov input U = G + mu*M (or U = M without Nesterov); mu = 0.95.
-- O = NS(U): 5 quintic Newton-Schulz steps in bf16 with (a, b, c) = (3.4445, -4.7750, 2.0315)
-  (``newton_schulz``); a tall matrix is orthogonalised as its transpose.
+- O = NS(U): 5 quintic Newton-Schulz steps with (a, b, c) = (3.4445, -4.7750, 2.0315) (``newton_schulz``);
+  a tall matrix is orthogonalised as its transpose. The iteration runs in bf16 (the published recipe)
+  where the hardware multiplies bf16 natively, else in fp32 (``ns_dtype='auto'``, see ``resolve_ns_dtype``).
 - update = rms_scale * sqrt(max(rows, cols)) * O with rms_scale = 0.2 (Moonlight's update-RMS matching,
   so one learning rate and one weight decay serve Muon and AdamW alike).
 - W = W - lr * (update + wd * W) (decoupled weight decay).
@@ -48,6 +49,7 @@ Tensor name suffixes: K stacked matrices, M rows, N columns (of the wide orienta
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -63,6 +65,8 @@ NS_EPS = 1e-7
 NS_CHUNK_BYTES = 8 << 20
 """Newton-Schulz iterates a large stack in sub-stacks of at most this many bytes (see ``newton_schulz``)."""
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
+"""/proc/cpuinfo flags of CPUs with bf16 matrix instructions: x86 AMX and AVX512-BF16, Arm's BF16."""
 STATE_FORMAT = "k2pipe.muonclip/1"
 
 NamedParams = Sequence[tuple[str, torch.Tensor]]
@@ -120,6 +124,42 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
             x_KMN, next_KMN = next_KMN, x_KMN
     X = out_KMN.reshape(out_shape)
     return X.mT if tall else X
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_matmul(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU whose
+    flags list AMX-BF16, AVX512-BF16 or Arm's BF16. Without them torch still computes bf16 products (same
+    rounding), but by conversion: on an AVX2-only CPU a bf16 bmm ran about 10x slower than fp32 at
+    Newton-Schulz's shapes (4-10 against 43-84 GFLOP/s per core), so bf16 would buy nothing but time."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(_cpu_flags() & _BF16_CPU_FLAGS)
+
+
+def resolve_ns_dtype(name: str, device: torch.device | str) -> str:
+    """The Newton-Schulz dtype that ``optimizer.ns_dtype=name`` means on ``device``: ``auto`` is
+    ``bfloat16`` where ``native_bf16_matmul`` holds (the published recipe, and the fast path there) and
+    ``float32`` elsewhere (more exact, and faster there); any other name is itself."""
+    if name == "auto":
+        return "bfloat16" if native_bf16_matmul(device) else "float32"
+    if name not in NS_DTYPES:
+        raise ValueError(f"optimizer.ns_dtype={name!r}: must be 'auto' or one of {sorted(NS_DTYPES)}")
+    return name
 
 
 def newton_schulz_flops(rows: int, cols: int, steps: int = 5) -> int:
@@ -205,12 +245,17 @@ class MuonClip(torch.optim.Optimizer):
         for name, p in muon_params:
             if p.ndim < 2:
                 raise ValueError(f"Muon parameter {name!r} has shape {tuple(p.shape)}; Muon needs >= 2 dims")
+        if distributed is None:
+            distributed = (dist.is_available() and dist.is_initialized()
+                           and dist.get_world_size(process_group) > 1)
         groups = []
         if muon_params:
+            ns_dtype = self._agreed_ns_dtype(cfg.ns_dtype, muon_params[0][1].device,
+                                             process_group if distributed else False)
             groups.append(dict(
                 params=[p for _, p in muon_params], names=[n for n, _ in muon_params], kind="muon", lr=lr,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                ns_steps=cfg.ns_steps, ns_dtype=cfg.ns_dtype, rms_scale=cfg.rms_scale))
+                ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, rms_scale=cfg.rms_scale))
         if adamw_params:
             groups.append(dict(
                 params=[p for _, p in adamw_params], names=[n for n, _ in adamw_params], kind="adamw", lr=lr,
@@ -219,9 +264,6 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError("MuonClip got no parameters")
         super().__init__(groups, {})
 
-        if distributed is None:
-            distributed = (dist.is_available() and dist.is_initialized()
-                           and dist.get_world_size(process_group) > 1)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.world_size = dist.get_world_size(process_group) if distributed else 1
@@ -243,7 +285,26 @@ class MuonClip(torch.optim.Optimizer):
         self.last_step_stats: dict[str, float] = {}
         """This rank's Newton-Schulz work in the last step: ``ns_matrices``, ``ns_flops``, ``ns_batches``."""
 
+    @staticmethod
+    def _agreed_ns_dtype(name: str, device: torch.device,
+                         process_group: dist.ProcessGroup | None | bool) -> str:
+        """``resolve_ns_dtype`` on this rank, and under ``auto`` with a process group (False: none), bf16
+        only if every rank of it multiplies bf16 natively: replicas of one expert shard on different
+        hardware would otherwise orthogonalise in different dtypes and drift apart."""
+        resolved = resolve_ns_dtype(name, device)
+        if name != "auto" or process_group is False:
+            return resolved
+        on = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else device
+        flag = torch.tensor([resolved == "bfloat16"], dtype=torch.int32, device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
+        return "bfloat16" if bool(flag.item()) else "float32"
+
     # ------------------------------------------------------------------ queries
+    @property
+    def ns_dtype(self) -> str | None:
+        """The dtype Newton-Schulz runs in (``auto`` resolved; a checkpoint's value after loading it)."""
+        return next((g["ns_dtype"] for g in self.param_groups if g["kind"] == "muon"), None)
+
     def computes_here(self, name: str) -> bool:
         owner = self.owner_of.get(name)
         return owner is None or owner == self.rank

@@ -110,6 +110,9 @@ class MetricLogger:
         self._buffer.extend(Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items())
         self.flush()
 
+    def set_tag(self, key: str, value: str) -> None:
+        retry(lambda: self.client.set_tag(self.run_id, key, value))
+
     def flush(self) -> None:
         if not self._buffer:
             return

@@ -278,6 +278,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
         system_metrics = _start_system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+    if rank == 0 and trainer.optimizer.ns_dtype is not None:
+        # optimizer.ns_dtype=auto resolves per hardware (and a resumed run keeps its checkpoint's dtype).
+        say(f"[k2pipe] Newton-Schulz iterates in {trainer.optimizer.ns_dtype} "
+            f"(optimizer.ns_dtype={cfg.optimizer.ns_dtype})")
+        if logger is not None:
+            logger.set_tag("k2pipe.ns_dtype", trainer.optimizer.ns_dtype)
     peak_flops = measure_matmul_flops(torch.bfloat16 if device.type == "cuda" else torch.float32,
                                       device=device.type)
     fault = _parse_fault(t.fault_injection)

@@ -10,17 +10,22 @@ import pytest
 import torch
 from torch import nn
 
+from k2model import optim
 from k2model.config import OptimizerConfig, preset_config
 from k2model.model import build_model
 from k2model.optim import (
+    NS_DTYPES,
     MuonClip,
     build_optimizer,
     merge_state_dicts,
+    native_bf16_matmul,
     newton_schulz,
     newton_schulz_flops,
+    resolve_ns_dtype,
     split_params,
 )
 from k2model.schedule import set_lr
+from tests.k2model.dist_utils import run_workers
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +106,67 @@ def test_newton_schulz_rejects_vectors_and_counts_flops():
     assert newton_schulz_flops(128, 64, 5) == newton_schulz_flops(64, 128, 5)
 
 
+# ---------------------------------------------------------------------- Newton-Schulz dtype
+def test_ns_dtype_auto_follows_the_hardware_and_names_pass_through(monkeypatch):
+    assert resolve_ns_dtype("bfloat16", "cpu") == "bfloat16" and resolve_ns_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="ns_dtype='float16'.*'auto'"):
+        resolve_ns_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="optimizer.ns_dtype='half'"):
+        OptimizerConfig(ns_dtype="half")
+    cases = [({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+             ({"amx_tile", "amx_bf16"}, "bfloat16"), ({"asimd", "bf16"}, "bfloat16"), (set(), "float32")]
+    for flags, expected in cases:
+        flags = frozenset(flags)
+        monkeypatch.setattr(optim, "_cpu_flags", lambda flags=flags: flags)
+        assert native_bf16_matmul("cpu") == (expected == "bfloat16")
+        assert resolve_ns_dtype("auto", "cpu") == expected
+        opt = MuonClip([("w", nn.Parameter(torch.randn(4, 8)))], [], lr=0.1, cfg=OptimizerConfig())
+        assert opt.ns_dtype == expected
+
+
+def test_a_resumed_optimizer_keeps_the_ns_dtype_it_was_saved_with(monkeypatch):
+    """A checkpoint written where auto meant bf16 continues in bf16 on a CPU without it (and the reverse)."""
+    W0 = torch.randn(8, 16)
+    grads = [torch.randn(8, 16) for _ in range(3)]
+    for saved_flags, resumed_flags in ((frozenset({"amx_bf16"}), frozenset()), (frozenset(), frozenset({"amx_bf16"}))):
+        def run(flags, steps, state=None):
+            monkeypatch.setattr(optim, "_cpu_flags", lambda: flags)
+            w = nn.Parameter(W0.clone())
+            opt = MuonClip([("w", w)], [], lr=0.02, cfg=OptimizerConfig())
+            if state is not None:
+                w.data.copy_(state[0])
+                opt.load_state_dict(state[1])
+            for g in steps:
+                w.grad = g.clone()
+                opt.step()
+            return w.detach().clone(), opt
+
+        straight, straight_opt = run(saved_flags, grads)
+        first, first_opt = run(saved_flags, grads[:1])
+        resumed, resumed_opt = run(resumed_flags, grads[1:], (first, _roundtrip(first_opt.state_dict())))
+        assert resumed_opt.ns_dtype == straight_opt.ns_dtype == first_opt.ns_dtype
+        assert torch.equal(resumed, straight)
+
+
+def _agreement_worker(rank, world_size, flags_per_rank):
+    optim._cpu_flags.cache_clear()
+    optim._cpu_flags = lambda: flags_per_rank[rank]
+    w = nn.Parameter(torch.randn(4, 8))
+    auto = MuonClip([("w", w)], [], lr=0.1, cfg=OptimizerConfig(), distributed=True)
+    pinned = MuonClip([("w", w)], [], lr=0.1, cfg=OptimizerConfig(ns_dtype="bfloat16"), distributed=True)
+    return auto.ns_dtype, pinned.ns_dtype
+
+
+def test_ns_dtype_auto_is_agreed_by_every_rank():
+    """bf16 only if every rank has it: replicas of one expert shard must orthogonalise alike."""
+    mixed = run_workers(_agreement_worker, 2, [frozenset({"amx_bf16"}), frozenset({"avx2"})])
+    assert mixed == [("float32", "bfloat16")] * 2
+    both = run_workers(_agreement_worker, 2, [frozenset({"amx_bf16"}), frozenset({"avx512_bf16"})])
+    assert both == [("bfloat16", "bfloat16")] * 2
+
+
 # ---------------------------------------------------------------------- Muon against its formula
-def reference_muon_adamw(params, grads_per_step, lr, cfg):
+def reference_muon_adamw(params, grads_per_step, lr, cfg, ns_dtype=torch.bfloat16):
     """Direct, per-matrix, per-step implementation of REFERENCE.md sections 3 (Muon) and AdamW."""
     params = {n: p.detach().clone() for n, p in params.items()}
     momentum = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -116,7 +180,7 @@ def reference_muon_adamw(params, grads_per_step, lr, cfg):
                 momentum[name] = cfg.momentum * momentum[name] + G
                 U = G + cfg.momentum * momentum[name]
                 rows, cols = W.shape[-2:]
-                mats = [newton_schulz(u, cfg.ns_steps).float() for u in U.reshape(-1, rows, cols)]
+                mats = [newton_schulz(u, cfg.ns_steps, ns_dtype).float() for u in U.reshape(-1, rows, cols)]
                 update = torch.stack(mats).reshape(W.shape) * (cfg.rms_scale * math.sqrt(max(rows, cols)))
             else:
                 m1[name] = b1 * m1[name] + (1 - b1) * G
@@ -136,7 +200,7 @@ def test_muon_steps_equal_the_formula_with_shape_stacking():
     adamw = [(n, p) for n, p in params.items() if p.ndim < 2]
     opt = MuonClip(muon, adamw, lr=0.02, cfg=cfg)
     grads_per_step = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
-    expected = reference_muon_adamw(params, grads_per_step, 0.02, cfg)
+    expected = reference_muon_adamw(params, grads_per_step, 0.02, cfg, NS_DTYPES[opt.ns_dtype])
     for grads in grads_per_step:
         for n, p in params.items():
             p.grad = grads[n]

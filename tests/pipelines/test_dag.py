@@ -9,6 +9,7 @@ import pytest
 import ray
 import torch
 
+from k2model.optim import resolve_ns_dtype
 from pipelines import storage, tracking
 from pipelines.config import load_config
 from pipelines.dag import STAGES, run_pipeline, select_stages
@@ -78,6 +79,8 @@ def test_mlflow_has_one_parent_with_stage_runs_metrics_and_artifacts(pipeline_ru
     stages = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["k2pipe.stage"] for r in stages) == sorted(STAGES)
     pretrain = next(r for r in stages if r.data.tags["k2pipe.stage"] == "pretrain")
+    # optimizer.ns_dtype=auto, resolved on the worker (this machine's CPU) and recorded on the run.
+    assert pretrain.data.tags["k2pipe.ns_dtype"] == resolve_ns_dtype("auto", "cpu")
     losses = c.get_metric_history(pretrain.info.run_id, "train/loss")
     steps = [m.step for m in losses]
     assert steps == sorted(set(steps)), "each step logged once, even across reruns"
