@@ -1,29 +1,41 @@
 """QK-Clip at work: the same model, data and optimizer trained twice, with and without QK-Clip, and the
 per-step maximum attention logit and loss of both (shared/REFERENCE.md section 4).
 
-Setup (chosen so the logits grow past tau within a few hundred steps on a CPU): ``tiny`` narrowed to 2
-layers, 2 heads and a 512-token vocabulary; AdamW at a high learning rate (2e-2, constant after a
-50-step linear warm-up) with small batches (16 x 64 tokens), a regime where gradient noise inflates the
-query/key weights (with 32-sequence batches the logits stayed under 20 at this learning rate);
-synthetic data from a fixed random Markov chain: each token follows its predecessor through a fixed
-permutation, or with probability 0.1 repeats the token 8 positions back, which rewards sharp attention.
-tau = 30 (K2 uses 100; its small-model ablation used 30). Every step draws new sequences; the logged
-max logit of step t is the one recorded in step t's own forward, i.e. before step t's clip.
+Setup (chosen so the logits grow steadily past tau on a CPU): ``tiny`` narrowed to 2 layers, 2 heads and a
+512-token vocabulary; AdamW at 5e-3 (constant after a 50-step linear warm-up), 16 x 64 tokens per step,
+1,000 steps; synthetic data from a fixed random Markov chain: each token follows its predecessor through a
+fixed permutation, or with probability 0.1 repeats the token 8 positions back, which rewards sharp
+attention. tau = 8 (K2 uses 100; its small-model ablation used 30; the issue allows a lower tau to make
+the logits pass it). Without the clip the max logit climbs from about 2 at step 500 to about 19 at step
+1,000. Every step draws new sequences; the logged max logit of step t is the one recorded in step t's own
+forward, i.e. before step t's clip.
 
-What to expect with the clip: the recorded maximum hovers around tau but can exceed it. The clip at
-step t uses the maximum measured before step t's update, so that update's growth is only caught at step
-t+1, and each step's maximum is taken over new sequences (batch-to-batch spread of the maximum). The
-JSON gives the worst step, the 95th percentile and the number of steps above 1.1 tau.
+What to expect with the clip: once the clip is engaged the recorded maximum sits just above tau (about
+1.02-1.04 tau on average) with rare single-step outliers. The clip at step t uses the maximum measured
+before step t's update, so that update's growth is only caught at step t+1, and each step's maximum is
+taken over new sequences: a batch holding a rarer token pair reaches a higher logit than the one the clip
+was fitted to. The JSON gives the worst step, the 95th and 99th percentiles, the mean over the steps above
+tau and the number of steps above 1.1 tau.
 
-Other settings tried (200-500 steps; worst step with the clip): AdamW at 3e-2 with 32-sequence batches,
-1.14-1.19 tau for tau 15-30; AdamW at 1e-2 on a 64-token vocabulary (``--vocab 64``, almost no batch-to-
-batch spread), 1.13-1.25 tau; MuonClip at 5e-2 on that vocabulary, 1.5-3 tau (137 without the clip):
-Muon's update has a fixed RMS whatever the scale of the weights, so once the clip has shrunk a head's
-query and key rows the same update is a larger relative step. The overshoot is the one-step growth a
-post-step clip cannot see, not a clip that misses its target: the clipped head's logit on the step's own
-batch is tau (tests/k2model/test_qk_clip.py).
+Settings tried (worst step with the clip / without it, in units of tau):
+- On a 2-core AVX2 machine (this default's figures; 1,000-1,600 steps): AdamW 5e-3, tau 8: 1.14 / 2.36;
+  the same on a 128-token vocabulary 1.16 / 2.33, with 32-sequence batches 1.23 / 2.67; AdamW 4e-3, tau 7,
+  1,200 steps: 1.20 / 2.35; AdamW 3e-3, tau 6, 1,000 steps 1.10 / 1.43, 1,600 steps 1.21 / 2.45; AdamW
+  1e-2 or 5e-3 at tau 30: never reached tau (0.34 / 0.63); AdamW 1e-2, tau 4: 1.31 / 2.54 (a spike in the
+  warm-up); AdamW 2e-2, tau 30, 600 steps: 1.08 / 1.49.
+- On an AMX machine (earlier default: AdamW 2e-2, tau 30, 400 steps): 1.18 / 2.29; AdamW 3e-2 with
+  32-sequence batches, 1.14-1.19 for tau 15-30; AdamW 1e-2 on a 64-token vocabulary, 1.13-1.25; MuonClip at
+  5e-2 on that vocabulary, 1.5-3 (137 without the clip): Muon's update has a fixed RMS whatever the scale of
+  the weights, so once the clip has shrunk a head's query and key rows the same update is a larger
+  relative step.
+At high learning rates the unclipped logits grow from gradient noise and the trajectory differs between
+machines (2e-2 passed 2 tau on one and not the other); the default's slow steady climb is the same kind
+of growth on both. The overshoot is the one-step growth and the batch-to-batch spread that a post-step
+clip cannot see, not a clip that misses its target: the clipped head's logit on the step's own batch is
+tau (tests/k2model/test_qk_clip.py).
 
-    python -m benchmarks.qk_clip [--quick] --out bench-results/qk_clip.json   (also writes a .png)
+    python -m benchmarks.qk_clip --out bench-results/qk_clip.json   (also writes a .png; about 2 minutes;
+    --quick runs the same: the logits pass 2 tau only in the last third)
 
 The step follows the trainer's order: forward/backward -> set lr -> optimizer step -> qk_clip with the
 recorded max logits -> reset_max_logits -> router-bias update -> reset_expert_load.
@@ -48,10 +60,10 @@ COPY_OFFSET = 8
 
 
 def _extra(p):
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (quick: 200, full: 400)")
-    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate (constant after warm-up)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run (the logits pass 2 tau late)")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (constant after warm-up)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--tau", type=float, default=30.0)
+    p.add_argument("--tau", type=float, default=8.0)
     p.add_argument("--optimizer", choices=["adamw", "muonclip"], default="adamw")
     p.add_argument("--batch", type=int, default=16, help="sequences of 64 tokens per step")
     p.add_argument("--vocab", type=int, default=512, help="vocabulary of the synthetic Markov chain")
@@ -103,6 +115,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _mean_ratio_above(values: list[float], tau: float) -> float:
+    """Mean of max_logit / tau over the steps above tau (the clipped regime); 0 when none."""
+    above = [v / tau for v in values if v > tau]
+    return sum(above) / len(above) if above else 0.0
+
+
 def _tail_mean(values: list[float], n: int = 20) -> float:
     tail = values[-n:]
     return sum(tail) / len(tail)
@@ -133,7 +151,7 @@ def plot(path: Path, runs: dict[str, dict[str, list[float]]], tau: float) -> Non
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv, _extra)
     torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it gives
-    steps = args.steps or (200 if args.quick else 400)
+    steps = args.steps
     runs, seconds = {}, {}
     for label, clip in (("with QK-Clip", True), ("without QK-Clip", False)):
         t0 = time.perf_counter()
@@ -168,6 +186,8 @@ def main(argv=None) -> None:
         "max_logit_with_clip": max_with,
         "max_logit_without_clip": max_without,
         "max_logit_with_clip_p95": _percentile(with_clip["max_logit"], 0.95),
+        "max_logit_with_clip_p99": _percentile(with_clip["max_logit"], 0.99),
+        "mean_over_tau_of_steps_above_tau_with_clip": _mean_ratio_above(with_clip["max_logit"], args.tau),
         "steps_above_1.1_tau_with_clip": sum(x > 1.1 * args.tau for x in with_clip["max_logit"]),
         "steps_above_tau_with_clip": sum(x > args.tau for x in with_clip["max_logit"]),
         "final_loss_with_clip": _tail_mean(with_clip["loss"]),
