@@ -14,7 +14,8 @@ With ``--device cuda`` (or ``--device cpu`` as a dry run) it measures instead on
 ``small`` (``--preset``) in bf16 autocast on a GPU, tokens/s and MFU against the device's measured matmul
 throughput in the same run (bf16 on a GPU, fp32 on a CPU), where a step's time goes (forward and backward,
 gradient sync, clipping, optimizer step and its Newton-Schulz, QK-Clip, router-bias update; each timed
-between device synchronisations in a second pass) and the Newton-Schulz share of the step:
+between device synchronisations in a second pass) and the Newton-Schulz share of the step. Newton-Schulz
+runs in the dtype ``optimizer.ns_dtype=auto`` picks for the device (bf16 on a GPU), written to the JSON:
 
     python -m benchmarks.train --device cuda --out bench-results/train-gpu.json
 """
@@ -30,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import parse_args, table, write_json
+from k2model.optim import resolve_ns_dtype
 from pipelines.checkpointing import snapshot
 from pipelines.config import load_config
 from pipelines.train_loop import Trainer, measure_matmul_flops
@@ -180,7 +182,7 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
               "micro_batch": micro, "global_batch": global_batch, "steps": steps,
               "matmul_flops_per_s": peak, "step_s": step_s, "tokens_per_s": tokens / step_s,
               "mfu": tokens * flops_per_token(cfg.model, seq) / step_s / peak,
-              "timed_step_s": timed_step_s, "breakdown_s": breakdown,
+              "timed_step_s": timed_step_s, "breakdown_s": breakdown, "ns_dtype": trainer.optimizer.ns_dtype,
               "ns_share": breakdown.get("newton_schulz", 0.0) / timed_step_s}
     if cuda:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -204,13 +206,14 @@ def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(2)
     peak = measure_matmul_flops(torch.float32, size=1024)
-    print(f"measured fp32 matmul throughput (2 threads, 1024^2): {peak / 1e9:.1f} GFLOP/s")
+    print(f"measured fp32 matmul throughput (2 threads, 1024^2): {peak / 1e9:.1f} GFLOP/s; Newton-Schulz in "
+          f"{resolve_ns_dtype('auto', 'cpu')} (optimizer.ns_dtype=auto)")
     seq = 256
     layouts = [(1, 1), (2, 1), (2, 2)]
     presets = [("tiny", 4 if args.quick else 10), ("small", 2 if args.quick else 4)]
     rounds = 2 if args.quick else 3
     results: dict = {"matmul_flops_per_s": peak, "rounds": rounds, "mfu": {}, "tokens_per_s": {}, "step_s": {},
-                     "step_s_all_rounds": {}}
+                     "step_s_all_rounds": {}, "ns_dtype": resolve_ns_dtype("auto", "cpu")}
     # Layouts take turns, round after round, and each keeps its fastest round: load from elsewhere on
     # a shared machine then slows every layout alike instead of whichever ran at the wrong moment.
     runs: dict[str, list[dict]] = {}
