@@ -22,7 +22,9 @@ Settings tried (worst step with the clip / without it, in units of tau):
   the same on a 128-token vocabulary 1.16 / 2.33, with 32-sequence batches 1.23 / 2.67; AdamW 4e-3, tau 7,
   1,200 steps: 1.20 / 2.35; AdamW 3e-3, tau 6, 1,000 steps 1.10 / 1.43, 1,600 steps 1.21 / 2.45; AdamW
   1e-2 or 5e-3 at tau 30: never reached tau (0.34 / 0.63); AdamW 1e-2, tau 4: 1.31 / 2.54 (a spike in the
-  warm-up); AdamW 2e-2, tau 30, 600 steps: 1.08 / 1.49.
+  warm-up); AdamW 2e-2, tau 30, 600 steps: 1.08 / 1.49. MuonClip 1e-2: tau 8 1.01 / 1.15, tau 4.5
+  1.16 / 2.04, tau 4 1.17 / 2.29 (one spike at step 431 each time); MuonClip 3e-2, tau 8: never reached tau
+  (0.72).
 - On an AMX machine (earlier default: AdamW 2e-2, tau 30, 400 steps): 1.18 / 2.29; AdamW 3e-2 with
   32-sequence batches, 1.14-1.19 for tau 15-30; AdamW 1e-2 on a 64-token vocabulary, 1.13-1.25; MuonClip at
   5e-2 on that vocabulary, 1.5-3 (137 without the clip): Muon's update has a fixed RMS whatever the scale of
