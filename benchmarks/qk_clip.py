@@ -31,10 +31,10 @@ Settings tried (worst step with the clip / without it, in units of tau):
   the weights, so once the clip has shrunk a head's query and key rows the same update is a larger
   relative step.
 At high learning rates the unclipped logits grow from gradient noise and the trajectory differs between
-machines (2e-2 passed 2 tau on one and not the other); the default's slow steady climb is the same kind
-of growth on both. The overshoot is the one-step growth and the batch-to-batch spread that a post-step
-clip cannot see, not a clip that misses its target: the clipped head's logit on the step's own batch is
-tau (tests/k2model/test_qk_clip.py).
+machines (2e-2 passed 2 tau on one and not the other); the default's slow steady climb should depend
+less on the machine, but has been measured on the AVX2 machine only. The overshoot is the one-step
+growth and the batch-to-batch spread that a post-step clip cannot see, not a clip that misses its
+target: the clipped head's logit on the step's own batch is tau (tests/k2model/test_qk_clip.py).
 
     python -m benchmarks.qk_clip --out bench-results/qk_clip.json   (also writes a .png; about 2 minutes;
     --quick runs the same: the logits pass 2 tau only in the last third)
