@@ -250,8 +250,7 @@ class MuonClip(torch.optim.Optimizer):
                            and dist.get_world_size(process_group) > 1)
         groups = []
         if muon_params:
-            ns_dtype = self._agreed_ns_dtype(cfg.ns_dtype, muon_params[0][1].device,
-                                             process_group if distributed else False)
+            ns_dtype = self._agreed_ns_dtype(cfg.ns_dtype, muon_params[0][1].device, distributed, process_group)
             groups.append(dict(
                 params=[p for _, p in muon_params], names=[n for n, _ in muon_params], kind="muon", lr=lr,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -286,13 +285,13 @@ class MuonClip(torch.optim.Optimizer):
         """This rank's Newton-Schulz work in the last step: ``ns_matrices``, ``ns_flops``, ``ns_batches``."""
 
     @staticmethod
-    def _agreed_ns_dtype(name: str, device: torch.device,
-                         process_group: dist.ProcessGroup | None | bool) -> str:
-        """``resolve_ns_dtype`` on this rank, and under ``auto`` with a process group (False: none), bf16
-        only if every rank of it multiplies bf16 natively: replicas of one expert shard on different
-        hardware would otherwise orthogonalise in different dtypes and drift apart."""
+    def _agreed_ns_dtype(name: str, device: torch.device, distributed: bool,
+                         process_group: dist.ProcessGroup | None) -> str:
+        """``resolve_ns_dtype`` on this rank; under ``auto`` and ``distributed``, bf16 only if every rank of
+        ``process_group`` multiplies bf16 natively: replicas of one expert shard on different hardware would
+        otherwise orthogonalise in different dtypes and drift apart."""
         resolved = resolve_ns_dtype(name, device)
-        if name != "auto" or process_group is False:
+        if name != "auto" or not distributed:
             return resolved
         on = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else device
         flag = torch.tensor([resolved == "bfloat16"], dtype=torch.int32, device=on)

@@ -149,7 +149,6 @@ def test_a_resumed_optimizer_keeps_the_ns_dtype_it_was_saved_with(monkeypatch):
 
 
 def _agreement_worker(rank, world_size, flags_per_rank):
-    optim._cpu_flags.cache_clear()
     optim._cpu_flags = lambda: flags_per_rank[rank]
     w = nn.Parameter(torch.randn(4, 8))
     auto = MuonClip([("w", w)], [], lr=0.1, cfg=OptimizerConfig(), distributed=True)
