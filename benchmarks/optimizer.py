@@ -9,7 +9,11 @@
 - the FLOP ratio Newton-Schulz / training, counted, next to the rule of thumb steps * d / tokens
   (shared/REFERENCE.md section 3);
 - batched Newton-Schulz of an expert stack against a per-matrix loop (tiny: 16 x [64, 128]; small:
-  32 x [256, 512]).
+  32 x [256, 512]), with both chains' GFLOP/s and the ceiling on the speedup that this machine allows:
+  its matmul rate on a large square product over the loop's rate. A per-matrix chain of tiny's expert
+  shape leaves most of a wide CPU's throughput unused (call overhead, one small product at a time), so
+  the ceiling is high where products are cheap (AMX bf16) and low where they are not (a 2-core AVX2 CPU
+  in fp32: about 3.3, with the batched chain at about 85% of that).
 
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
 
@@ -156,7 +160,17 @@ def batched_vs_loop(num: int, m: int, n: int, repeats: int, dtype: torch.dtype) 
     for _ in range(repeats - 1):
         for name, fn in calls.items():
             best[name] = min(best[name], time_it(fn, 1, warmup=0, stat=min))
-    return {**best, "speedup": best["loop_s"] / best["batched_s"]}
+    flops = num * optim.newton_schulz_flops(m, n)
+    return {**best, "speedup": best["loop_s"] / best["batched_s"],
+            "batched_gflops": flops / best["batched_s"] / 1e9, "loop_gflops": flops / best["loop_s"] / 1e9}
+
+
+def peak_gflops(dtype: torch.dtype, repeats: int, size: int = 1024) -> float:
+    """This machine's matmul rate on a large square product (fastest of ``repeats``): what a batched
+    chain could reach at best, so peak / per-matrix loop rate bounds the batched speedup."""
+    A = torch.randn(size, size).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    return 2 * size**3 / time_it(lambda: torch.mm(A, A, out=out), repeats, stat=min) / 1e9
 
 
 def main(argv=None) -> None:
@@ -181,8 +195,13 @@ def main(argv=None) -> None:
     print(table(rows, list(rows[0])))
     rate_rows = [{"preset": name, **rate} for name, r in per_preset.items() for rate in r["matmul_rates"]]
     print(table(rate_rows, ["preset", "shape", "bf16_gflops", "fp32_gflops"]))
+    peak = peak_gflops(ns_dtype, rate_repeats)
+    for v in batched.values():
+        v["speedup_ceiling"] = peak / v["loop_gflops"]
     brows = [{"stack": k, **v} for k, v in batched.items()]
-    print(table(brows, ["stack", "batched_s", "loop_s", "speedup"]))
+    print(f"{ns_dtype} matmul peak (1024^2, 2 threads): {peak:.1f} GFLOP/s")
+    print(table(brows, ["stack", "batched_s", "loop_s", "speedup", "batched_gflops", "loop_gflops",
+                        "speedup_ceiling"]))
 
     targets = {
         "ns_share_within_1.5x_of_priced": {
@@ -198,6 +217,7 @@ def main(argv=None) -> None:
         "ns_share_measured": {n: r["ns_share_measured"] for n, r in per_preset.items()},
         "ns_share_predicted": {n: r["ns_share_predicted"] for n, r in per_preset.items()},
         "batched_speedup": {k: v["speedup"] for k, v in batched.items()},
+        "ns_dtype_peak_gflops": peak,
         "presets": per_preset,
         "batched_vs_loop": batched,
         "targets": targets,

@@ -79,7 +79,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     """Approximately orthogonalise one matrix ``[m, n]`` or every matrix of a stack ``[..., m, n]``.
 
     Each matrix is scaled by its own Frobenius norm (so its spectral norm is at most 1), then ``steps``
-    quintic iterations X <- a X + (b A + c A^2) X with A = X X^T run in ``dtype``; a stack is one batched
+    quintic iterations X <- (a I + b A + c A^2) X with A = X X^T run in ``dtype``; a stack is one batched
     matmul chain. Tall matrices are iterated as their transpose (the smaller Gram matrix) and transposed
     back. Returns ``dtype``, same shape as ``G``; the singular values land in roughly [0.7, 1.2].
 
@@ -99,6 +99,12 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     K, M, N = G_KMN.shape
     out_KMN = torch.empty(K, M, N, dtype=dtype, device=G.device)
     per_chunk = max(1, min(K, chunk_bytes // (M * N * out_KMN.element_size())))
+    # In fp32 and wider, a X + (b A + c A^2) X runs as one product (a I + b A + c A^2) X: adding a to the
+    # diagonal is an [m]-sized step where baddbmm's beta = a rescales and adds the whole [m, n] iterate
+    # (about 5% of a tiny expert stack's chain on a 2-core AVX2 CPU; benchmarks/optimizer.py). Not in
+    # bf16: there the sum a + (b A + c A^2)_ii is rounded to 8 bits before it multiplies, which more than
+    # doubled the iterate's error against a float64 chain (1.4e-2 -> 3.5e-2 on tiny's expert stack).
+    fold_a = torch.finfo(dtype).bits >= 32
     # Work buffers, reused by every chunk: fresh multi-MB results each iteration cost page faults (about
     # a third of the time of a large stack on CPU); the arithmetic is the same.
     work_KMN = torch.empty(per_chunk, M, N, dtype=dtype, device=G.device)
@@ -117,10 +123,15 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
             x_KMN, next_KMN = next_KMN, x_KMN
         torch.div(g_KMN, norm_K11, out=x_KMN)
         gram_KMM, poly_KMM = A_KMM[:k], B_KMM[:k]
+        poly_diag_KM = poly_KMM.diagonal(dim1=-2, dim2=-1)
         for _ in range(steps):
             torch.bmm(x_KMN, x_KMN.mT, out=gram_KMM)
             torch.baddbmm(gram_KMM, gram_KMM, gram_KMM, beta=b, alpha=c, out=poly_KMM)
-            torch.baddbmm(x_KMN, poly_KMM, x_KMN, beta=a, out=next_KMN)
+            if fold_a:
+                poly_diag_KM.add_(a)
+                torch.bmm(poly_KMM, x_KMN, out=next_KMN)
+            else:
+                torch.baddbmm(x_KMN, poly_KMM, x_KMN, beta=a, out=next_KMN)
             x_KMN, next_KMN = next_KMN, x_KMN
     X = out_KMN.reshape(out_shape)
     return X.mT if tall else X
