@@ -3,9 +3,9 @@
 Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
 
     checkpoint-step00000050/
-        rank-00000.pt  rank-00001.pt ...   one shard per rank: its parameters (local experts included),
-                                           its optimizer state, step, RNG states
-        meta.json                          written by rank 0: step, world size, ep, math signature
+        rank-00000.shard  rank-00001.shard ...  one shard per rank (``pipelines.shardfile``): its parameters
+                                                (local experts included), its optimizer state, step, RNG
+        meta.json                               written by rank 0: step, world size, ep, math signature
 
 How a save works, and why a crash never leaves a trusted partial checkpoint:
 1. ``start``: the loop stalls only to snapshot its state (tensors cloned to CPU memory).
@@ -17,13 +17,14 @@ How a save works, and why a crash never leaves a trusted partial checkpoint:
    If any rank failed for good, the checkpoint is abandoned (reported in the log and metrics; the folder
    is deleted best-effort) and training goes on; the next checkpoint tries again.
 Ray Train resumes only from registered checkpoints, so a folder whose upload was cut short by a crash
-is never trusted. Each rank reads back only ``meta.json`` and its own shard.
+is never trusted. In the layout that wrote it, each rank reads back only ``meta.json`` and its own shard.
+In another layout (other worker count or ep), each rank reads every shard's index and, of the tensors,
+exactly the bytes it keeps (``pipelines.reshard``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import json
 import sys
 import time
@@ -33,7 +34,9 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
-SHARD_NAME = "rank-{rank:05d}.pt"
+from pipelines import shardfile
+
+SHARD_NAME = "rank-{rank:05d}.shard"
 META_NAME = "meta.json"
 UPLOAD_ATTEMPTS = 3
 FIRST_BACKOFF_S = 1.0
@@ -78,8 +81,10 @@ def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes, attempts: int
 
 class CheckpointWriter:
     def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, signature: dict[str, Any],
-                 world_size: int, ep: int, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = FIRST_BACKOFF_S):
+                 world_size: int, ep: int, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = FIRST_BACKOFF_S,
+                 reshard: ReshardSpec | None = None):
         self.fs = fs
+        self.reshard = reshard
         self.experiment_path = experiment_path.rstrip("/")
         self.rank = rank
         self.signature = signature
@@ -111,9 +116,7 @@ class CheckpointWriter:
         self._pending = (step, future, metrics)
 
     def _upload(self, folder: str, snap: dict[str, Any], meta: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(snap, buf)
-        _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}", buf.getvalue(),
+        _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}", shardfile.encode(snap),
                           self.attempts, self.backoff_s)
         if self.rank == 0:
             _write_with_retry(self.fs, f"{folder}/{META_NAME}", json.dumps(meta, default=str).encode(),
@@ -170,20 +173,25 @@ class CheckpointWriter:
             checkpoint = ray.train.get_checkpoint()
             if checkpoint is None:
                 return None
-        return load_rank_state(checkpoint, self.rank, self.signature, self.world_size, self.ep)
+        return load_rank_state(checkpoint, self.rank, self.signature, self.world_size, self.ep, self.reshard)
 
 
 # ---------------------------------------------------------------------- loading
+class ReshardSpec:
+    """What a rank needs to load a checkpoint written in another layout: the model's number of routed
+    experts and which parameters' optimizer state it keeps (``MuonClip.computes_here``)."""
+
+    def __init__(self, num_experts: int, keeps_state):
+        self.num_experts = num_experts
+        self.keeps_state = keeps_state
+
+
 def read_meta(checkpoint) -> dict[str, Any]:
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_NAME}") as f:
         return json.loads(f.read().decode())
 
 
-def check_compatible(meta: dict[str, Any], signature: dict[str, Any], world_size: int, ep: int,
-                     where: str) -> None:
-    if meta["world_size"] != world_size or meta["ep"] != ep:
-        raise ValueError(f"checkpoint {where} was written by {meta['world_size']} workers with ep={meta['ep']}; "
-                         f"this run has {world_size} workers with ep={ep}. Resume with the same layout.")
+def check_compatible(meta: dict[str, Any], signature: dict[str, Any], where: str) -> None:
     saved = meta["signature"]
     differing = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
     if differing:
@@ -192,11 +200,33 @@ def check_compatible(meta: dict[str, Any], signature: dict[str, Any], world_size
                          "refusing to resume. Use another run name to start fresh.")
 
 
-def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int
-                    ) -> dict[str, Any]:
-    """Read ``meta.json`` and this rank's shard only."""
+def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int,
+                    reshard: ReshardSpec | None = None) -> dict[str, Any]:
+    """This rank's state from ``checkpoint``. In the layout that wrote it: ``meta.json`` and this rank's
+    shard only. In another layout (``world_size`` or ``ep`` differ): resharded (``pipelines.reshard``),
+    which needs ``reshard``; without it the layout change is an error."""
     meta = read_meta(checkpoint)
-    check_compatible(meta, signature, world_size, ep, checkpoint.path)
-    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}") as f:
-        data = f.read()
-    return torch.load(io.BytesIO(data), weights_only=False)
+    check_compatible(meta, signature, checkpoint.path)
+    fs = checkpoint.filesystem
+    if meta["world_size"] == world_size and meta["ep"] == ep:
+        path = f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}"
+        with fs.open_input_stream(path) as f:
+            return shardfile.decode(f.read(), path)
+    if reshard is None:
+        raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with "
+                         f"ep={meta['ep']}; this run has {world_size} workers with ep={ep}, and this loader "
+                         "cannot reshard")
+    from pipelines.reshard import load_resharded
+
+    readers = [shardfile.ShardReader(fs, f"{checkpoint.path}/{SHARD_NAME.format(rank=k)}")
+               for k in range(meta["world_size"])]
+    try:
+        state = load_resharded(readers, meta["ep"], rank, world_size, ep, reshard.num_experts,
+                               reshard.keeps_state)
+    finally:
+        for r in readers:
+            r.close()
+    state["resharded_from"] = {"world_size": meta["world_size"], "ep": meta["ep"],
+                               "bytes_read": [r.bytes_read for r in readers],
+                               "tensor_bytes_read": [r.tensor_bytes_read for r in readers]}
+    return state

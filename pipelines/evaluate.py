@@ -1,8 +1,7 @@
 """The evaluate and export stages, and loading a whole model from a sharded training checkpoint.
 
-- ``load_checkpoint_model``: rebuild the full single-process model from a checkpoint: replicated tensors
-  from rank 0's shard, routed experts concatenated from the shards of ranks 0..ep-1 (one ep group holds
-  every expert once).
+- ``load_checkpoint_model``: rebuild the full single-process model from a checkpoint of any layout, read
+  as a one-worker resume would read it (``pipelines.reshard``), the optimizer state left unread.
 - ``run_evaluate``: validation loss and perplexity over the held-out split -> ``report.json``.
 - ``run_export``: the final weights as safetensors in the released per-expert layout, with the Hugging
   Face ``config.json`` and the tokenizer.
@@ -11,7 +10,6 @@ Both write ``_COMPLETE.json`` last in ``<storage>/stages/<stage>/<fingerprint>/`
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -21,24 +19,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from k2model.model import build_model, is_stacked_expert, to_hf_state_dict
+from k2model.model import build_model, to_hf_state_dict
 from pipelines import storage
 from pipelines.checkpointing import META_NAME, SHARD_NAME
 from pipelines.config import RunConfig
+from pipelines.reshard import load_resharded
+from pipelines.shardfile import ShardReader
 
 
 def load_checkpoint_model(checkpoint_uri: str, cfg: RunConfig) -> torch.nn.Module:
+    """The whole model (one process, every expert) from a checkpoint of any layout: of the shards, only
+    the model's bytes are read (``pipelines.reshard``), not the optimizer state."""
     meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
-    ep = int(meta["ep"])
-    shards = []
-    for rank in range(ep):
-        data = storage.read_bytes(storage.join(checkpoint_uri, SHARD_NAME.format(rank=rank)))
-        shards.append(torch.load(io.BytesIO(data), weights_only=False)["model"])
-    merged = {}
-    for name, tensor in shards[0].items():
-        merged[name] = torch.cat([s[name] for s in shards], dim=0) if is_stacked_expert(name) else tensor
+    fs, path = storage.resolve(checkpoint_uri)
+    readers = [ShardReader(fs, f"{path}/{SHARD_NAME.format(rank=k)}") for k in range(int(meta["world_size"]))]
+    try:
+        state = load_resharded(readers, int(meta["ep"]), 0, 1, 1, cfg.model.num_experts,
+                               keeps_state=lambda name: False)
+    finally:
+        for r in readers:
+            r.close()
     model = build_model(cfg.model, seed=cfg.train.seed)
-    model.load_state_dict(merged, strict=True)
+    model.load_state_dict(state["model"], strict=True)
     return model.eval()
 
 

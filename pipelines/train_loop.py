@@ -34,10 +34,12 @@ from pipelines.config import RunConfig, config_from_dict
 
 # Keys of the config that change the math: a checkpoint written under other values is refused.
 MATH_SECTIONS = ("model", "optimizer")
+# The layout (train.num_workers, train.ep, train.micro_batch_size) is not here: it changes who computes
+# what and the order of float sums, not the math, so a checkpoint resumes in another layout, resharded
+# (pipelines.reshard).
 MATH_KEYS = ("data.seq_len", "data.vocab_size", "train.global_batch_size", "train.seed", "train.lr",
              "train.schedule", "train.warmup_steps", "train.decay_fraction", "train.min_lr_ratio",
-             "train.grad_clip", "train.num_workers", "train.ep", "train.micro_batch_size", "train.steps",
-             "train.shuffle_shards")
+             "train.grad_clip", "train.steps", "train.shuffle_shards")
 
 
 def math_signature(cfg: RunConfig) -> dict[str, Any]:
@@ -104,6 +106,8 @@ class Trainer:
         self.batches = batches
         self.val_batches = val_batches
         self.step = 0
+        self.layout_history = [{"from_step": 0, "world_size": world, "ep": cfg.train.ep}]
+        """The layouts this run has trained in: one entry per change (a resharded resume)."""
         self.bad_streak = 0
         self.skipped_total = 0
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
@@ -124,6 +128,7 @@ class Trainer:
             "model": {k: v for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
+            "layout_history": self.layout_history,
             "bad_streak": self.bad_streak,
             "skipped_total": self.skipped_total,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -133,6 +138,11 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        history = [dict(h) for h in state.get("layout_history", [])]
+        now = {"world_size": self.world, "ep": self.cfg.train.ep}
+        if not history or {k: history[-1][k] for k in now} != now:
+            history.append({"from_step": self.step, **now})
+        self.layout_history = history
         self.bad_streak = int(state["bad_streak"])
         self.skipped_total = int(state.get("skipped_total", 0))
         torch.set_rng_state(state["rng"]["torch"])
@@ -264,13 +274,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, TrainBatches(sampler, reader), val, device)
 
     storage = ctx.get_storage()
+    reshard = checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here)
     ckpt = checkpointing.CheckpointWriter(storage.storage_filesystem, storage.experiment_fs_path, rank,
-                                          signature=math_signature(cfg), world_size=world, ep=t.ep)
+                                          signature=math_signature(cfg), world_size=world, ep=t.ep,
+                                          reshard=reshard)
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        trainer.load_state_dict(checkpointing.load_rank_state(restored, rank, math_signature(cfg), world, t.ep))
+        state = checkpointing.load_rank_state(restored, rank, math_signature(cfg), world, t.ep, reshard)
+        trainer.load_state_dict(state)
         if rank == 0:
             say(f"[k2pipe] resumed from {restored.path} at step {trainer.step}")
+        if "resharded_from" in state:
+            old = state["resharded_from"]
+            say(f"[k2pipe] rank {rank}: resharded a checkpoint of {old['world_size']} workers (ep={old['ep']}) "
+                f"into {world} workers (ep={t.ep}), reading {sum(old['bytes_read'])} bytes; from here the run "
+                "equals an uninterrupted one to float rounding, not bit for bit")
 
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):

@@ -3,8 +3,6 @@ checkpoints ignored, storage outages survived, and what each rank reads back."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from pipelines import checkpointing, storage
+from pipelines import checkpointing, shardfile, storage
 from pipelines.config import load_config
 from pipelines.pretrain import run_pretrain, validate_against_data
 
@@ -46,8 +44,8 @@ def make_config(store: str, *extra: str, workers: int = 1, ep: int = 1, name: st
 
 
 def final_shards(checkpoint_uri: str, world: int) -> list[dict]:
-    return [torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_uri, f"rank-{r:05d}.pt"))),
-                       weights_only=False) for r in range(world)]
+    return [shardfile.decode(storage.read_bytes(storage.join(checkpoint_uri, checkpointing.SHARD_NAME.format(rank=r))))
+            for r in range(world)]
 
 
 def assert_same_training_state(a: list[dict], b: list[dict]) -> None:
@@ -239,13 +237,40 @@ def test_rank_reads_only_meta_and_its_own_shard(reference_ep2):
     cfg = make_config("/unused", workers=2, ep=2)
     state = checkpointing.load_rank_state(Ckpt(), 1, math_signature(cfg), 2, 2)
     assert state["step"] == 8
-    assert [p.rsplit("/", 1)[1] for p in opened] == ["meta.json", "rank-00001.pt"]
+    assert [p.rsplit("/", 1)[1] for p in opened] == ["meta.json", "rank-00001.shard"]
     # A config that changes the math is refused, naming the key.
     changed = make_config("/unused", "train.lr=0.1", workers=2, ep=2)
     with pytest.raises(ValueError, match="train.lr"):
         checkpointing.load_rank_state(Ckpt(), 1, math_signature(changed), 2, 2)
-    with pytest.raises(ValueError, match="ep="):
+    with pytest.raises(ValueError, match="written by 2 workers with ep=2; this run has 2 workers with ep=1"):
         checkpointing.load_rank_state(Ckpt(), 0, math_signature(cfg), 2, 1)
+
+
+def test_a_job_run_again_on_fewer_workers_resumes_resharded(reference_ep2, data, tmp_path):
+    """The job dies on 2 workers (ep=2) at step 7; run again under the same name on 1 worker, it resumes
+    from its latest registered checkpoint (step 4 or 6: registration is asynchronous), resharded, and ends
+    where the uninterrupted 2-worker run ends (to float rounding: the layout changes the order of sums)."""
+    from ray.train import TrainingFailedError
+
+    root, manifest = data
+    crashing = make_config(str(tmp_path), "train.fault_injection=0:7", "train.max_failures=0",
+                           "train.checkpoint_every=2", workers=2, ep=2)
+    with pytest.raises(TrainingFailedError):
+        run_pretrain(crashing, root, manifest)
+    smaller = make_config(str(tmp_path), "train.max_failures=0", "train.checkpoint_every=2",
+                          "train.micro_batch_size=4")
+    out = run_pretrain(smaller, root, manifest)
+    assert out.step == 8
+    final, = final_shards(out.checkpoint_uri, 1)
+    first, resumed = final["layout_history"]
+    assert first == {"from_step": 0, "world_size": 2, "ep": 2}, final["layout_history"]
+    assert resumed["from_step"] in (4, 6) and (resumed["world_size"], resumed["ep"]) == (1, 1), resumed
+    reference = reference_ep2[1]
+    for name, tensor in final["model"].items():
+        want = (torch.cat([reference[0]["model"][name], reference[1]["model"][name]])
+                if ".mlp.experts." in name else reference[0]["model"][name])
+        rel = float((tensor - want).abs().max() / want.abs().max())
+        assert rel < 2e-4, f"{name}: relative difference {rel:.2e} from the uninterrupted run"
 
 
 def test_validation_before_launch(data):

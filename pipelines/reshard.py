@@ -1,0 +1,123 @@
+"""Resume a checkpoint in another parallel layout: another number of workers, another expert-parallel
+degree, or both (a job resubmitted to a smaller or larger cluster).
+
+The layout does not change the math: the global batch, its sample order and every formula stay; what
+changes is which rank holds what, and the order of floating-point sums. So a resharded resume continues
+the same run, equal to an uninterrupted one to float rounding (not bit for bit; a resume in the same
+layout is bit-exact). What a rank of the new layout needs, and where it finds it in the old shards
+(``pipelines.shardfile``, each with an index, read by byte range):
+
+- replicated parameters and buffers, and the AdamW state of replicated parameters: the same on every
+  old rank; read from old rank ``new_rank % old_world_size`` so the reads spread over the shards;
+- routed-expert stacks (``k2model.model.is_stacked_expert``) and their optimizer state: only the rows of
+  the experts this rank now holds, from old ranks that held them (one ranged read per piece);
+- the Muon momentum of a replicated matrix (kept by one owning rank, ``k2model.optim``): from whichever
+  old shard has it, and only if this rank keeps it in the new layout (``keeps_state``);
+- step, counters and optimizer hyperparameters from old rank 0; RNG states from the old rank with the
+  same index, else from rank 0.
+
+Each old shard's index is read (kilobytes); of the tensor bytes, a rank reads exactly what it keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from k2model.model import is_stacked_expert
+from k2model.parallel import ParallelLayout
+from pipelines.shardfile import ShardReader, TensorRef
+
+MODEL = "model/"
+OPT_STATE = "optimizer/state/"
+
+
+def _materialize(obj: Any, reader: ShardReader) -> Any:
+    """``obj`` (a part of ``reader``'s skeleton) with every ``TensorRef`` read from ``reader``."""
+    if isinstance(obj, TensorRef):
+        return reader.tensor(obj.key)
+    if isinstance(obj, dict):
+        return {k: _materialize(v, reader) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialize(v, reader) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v, reader) for v in obj)
+    return obj
+
+
+def _expert_rows(readers: list[ShardReader], key: str, layouts: list[ParallelLayout], num_experts: int,
+                 want: range, prefer: int) -> torch.Tensor:
+    """Rows ``want`` (global expert ids) of the expert-stacked tensor ``key``, gathered from the old shards
+    that hold them. A shard's tensor holds all experts if its first dimension is ``num_experts`` (an
+    expert stack owned whole, ep=1), else its old rank's local experts. Among shards holding the same
+    rows, the one ``prefer`` steps along is read, so new ranks spread over the old replicas."""
+    holders = [(range(0, num_experts) if r.tensors[key]["shape"][0] == num_experts
+                else layouts[k].local_experts(num_experts), k)
+               for k, r in enumerate(readers) if key in r.tensors]
+    pieces, pos = [], want.start
+    while pos < want.stop:
+        covering = [(rows, k) for rows, k in holders if rows.start <= pos < rows.stop]
+        if not covering:
+            raise ValueError(f"no shard of the checkpoint holds expert {pos} of {key!r}: the checkpoint is "
+                             "incomplete")
+        rows, k = covering[prefer % len(covering)]
+        stop = min(want.stop, rows.stop)
+        pieces.append(readers[k].tensor(key, range(pos - rows.start, stop - rows.start)))
+        pos = stop
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_size: int, ep: int,
+                   num_experts: int, keeps_state: Callable[[str], bool]) -> dict[str, Any]:
+    """The trainer state of ``rank`` in the layout (``world_size``, ``ep``), assembled from ``readers``
+    (the old shards, in old rank order, written by ``len(readers)`` ranks with ``old_ep``).
+    ``keeps_state(param_name)``: whether this rank holds that parameter's optimizer state in the new
+    layout (``MuonClip.computes_here``)."""
+    old_world = len(readers)
+    old_layouts = [ParallelLayout(old_world, k, old_ep, create_groups=False) for k in range(old_world)]
+    new_rows = ParallelLayout(world_size, rank, ep, create_groups=False).local_experts(num_experts)
+    src = rank % old_world
+    base = readers[src]
+
+    model: dict[str, torch.Tensor] = {}
+    for key in base.tensors:
+        if key.startswith(MODEL):
+            name = key[len(MODEL):]
+            model[name] = (_expert_rows(readers, key, old_layouts, num_experts, new_rows, rank)
+                           if is_stacked_expert(name) else base.tensor(key))
+
+    # Optimizer state, per parameter: which old shards have any state for it.
+    has_state: dict[str, list[int]] = {}
+    for k, reader in enumerate(readers):
+        for key in reader.tensors:
+            if key.startswith(OPT_STATE):
+                pname = key[len(OPT_STATE):].rsplit("/", 1)[0]
+                if k not in has_state.setdefault(pname, []):
+                    has_state[pname].append(k)
+    opt_state: dict[str, dict[str, Any]] = {}
+    for pname, shards in has_state.items():
+        if not keeps_state(pname):
+            continue
+        primary = src if src in shards else shards[0]
+        entry = readers[primary].skeleton()["optimizer"]["state"][pname]
+        out = {}
+        for skey, value in entry.items():
+            if not isinstance(value, TensorRef):
+                out[skey] = value
+            elif is_stacked_expert(pname):
+                out[skey] = _expert_rows(readers, value.key, old_layouts, num_experts, new_rows, rank)
+            else:
+                out[skey] = readers[primary].tensor(value.key)
+        opt_state[pname] = out
+
+    first = readers[0].skeleton()
+    optimizer = {k: v for k, v in first["optimizer"].items() if k not in ("state", "layout")}
+    optimizer["state"] = opt_state
+    # The merged form (MuonClip.load_state_dict): entries this rank does not keep are already left out.
+    optimizer["layout"] = {"world_size": None, "rank": None, "owners": None}
+    same_index = readers[rank] if rank < old_world else readers[0]
+    state = {k: v for k, v in first.items() if k not in ("model", "optimizer", "rng")}
+    state.update(model=model, optimizer=optimizer, rng=_materialize(same_index.skeleton()["rng"], same_index))
+    return state

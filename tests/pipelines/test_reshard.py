@@ -1,0 +1,194 @@
+"""Resuming a checkpoint in another layout, with the trainer itself on gloo ranks: 2 workers with ep=2
+into 1 worker, and 1 worker into 2 workers with ep=2. The loaded state is the old one, re-cut exactly
+(experts re-sliced, Muon momentum moved to its new owner); each rank reads exactly the tensor bytes it
+keeps; training on from it equals an uninterrupted run to float rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from k2model.model import is_stacked_expert
+from pipelines import checkpointing, shardfile
+from pipelines.config import load_config
+from pipelines.train_loop import Trainer, math_signature
+from tests.k2model.dist_utils import run_workers
+
+SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 6
+
+
+def _config(world: int, ep: int):
+    return load_config(None, [
+        f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", f"data.seq_len={SEQ}", "model.max_seq_len=32",
+        f"train.num_workers={world}", f"train.ep={ep}", f"train.micro_batch_size={GLOBAL_BATCH // (2 * world)}",
+        f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={STEPS}", "train.warmup_steps=1",
+        "train.threads_per_worker=1", "tracking.enabled=false"])
+
+
+class GlobalBatches:
+    """Step ``s``'s global batch is the same whatever the layout; rank ``r`` takes its micro-batches."""
+
+    def __init__(self, cfg, world: int, rank: int):
+        self.micro, self.world, self.rank = cfg.train.micro_batch_size, world, rank
+
+    def batch(self, step: int, micro: int):
+        gen = torch.Generator().manual_seed(1000 + step)
+        base = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=gen)
+        ids = (base + torch.arange(SEQ + 1) * (1 + base % 3)) % VOCAB  # learnable: arithmetic sequences
+        start = (micro * self.world + self.rank) * self.micro
+        rows = ids[start:start + self.micro]
+        return rows[:, :-1], rows[:, 1:]
+
+
+class LocalCheckpoint:
+    def __init__(self, path: str):
+        self.path = path
+        self.filesystem = pafs.LocalFileSystem()
+
+
+def _trainer(rank: int, world: int, ep: int) -> Trainer:
+    cfg = _config(world, ep)
+    return Trainer(cfg, GlobalBatches(cfg, world, rank), [])
+
+
+def _save(trainer: Trainer, folder: str, rank: int, world: int, ep: int) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, checkpointing.SHARD_NAME.format(rank=rank)), "wb") as f:
+        f.write(shardfile.encode(checkpointing.snapshot(trainer.state_dict())))
+    if rank == 0:
+        meta = {"step": trainer.step, "world_size": world, "ep": ep, "signature": math_signature(trainer.cfg)}
+        with open(os.path.join(folder, checkpointing.META_NAME), "w") as f:
+            json.dump(meta, f)
+
+
+def train_and_save(rank: int, world: int, ep: int, steps: int, folder: str | None) -> dict:
+    torch.manual_seed(0)
+    trainer = _trainer(rank, world, ep)
+    for _ in range(steps):
+        trainer.train_step()
+    if folder is not None:
+        _save(trainer, folder, rank, world, ep)
+    return checkpointing.snapshot(trainer.state_dict())
+
+
+def resume_and_train(rank: int, world: int, ep: int, folder: str, steps: int) -> tuple[dict, dict]:
+    trainer = _trainer(rank, world, ep)
+    spec = checkpointing.ReshardSpec(trainer.cfg.model.num_experts, trainer.optimizer.computes_here)
+    state = checkpointing.load_rank_state(LocalCheckpoint(folder), rank, math_signature(trainer.cfg), world, ep,
+                                          spec)
+    trainer.load_state_dict(state)
+    loaded = checkpointing.snapshot(state)
+    for _ in range(steps):
+        trainer.train_step()
+    return loaded, checkpointing.snapshot(trainer.state_dict())
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _saved_entry(old_states: list[dict], name: str) -> dict:
+    """The saved optimizer entry of a replicated parameter, from whichever old rank has it."""
+    holders = [s["optimizer"]["state"][name] for s in old_states if name in s["optimizer"]["state"]]
+    assert holders, name
+    return holders[0]
+
+
+def _assert_close_params(a: dict, b: dict, what: str) -> None:
+    worst = max(float((a[n] - b[n]).abs().max() / (b[n].abs().max() + 1e-12)) for n in b)
+    assert worst < 2e-4, f"{what}: largest relative parameter difference {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def two_worker_ep2(tmp_path_factory):
+    """A 2-worker ep=2 run saved at step 3, and the same run carried on uninterrupted to STEPS."""
+    folder = str(tmp_path_factory.mktemp("ep2") / "checkpoint-step00000003")
+    saved = run_workers(train_and_save, 2, 2, 3, folder)
+    uninterrupted = run_workers(train_and_save, 2, 2, STEPS, None)
+    return folder, saved, uninterrupted
+
+
+def test_two_workers_ep2_into_one_worker(two_worker_ep2):
+    folder, saved, uninterrupted = two_worker_ep2
+    loaded, final = resume_and_train(0, 1, 1, folder, STEPS - 3)
+    assert loaded["step"] == 3 and loaded["resharded_from"]["world_size"] == 2
+    # Every expert stack is the two old halves end to end; the rest is rank 0's (identical on both).
+    for name, tensor in loaded["model"].items():
+        if is_stacked_expert(name):
+            assert torch.equal(tensor, torch.cat([saved[0]["model"][name], saved[1]["model"][name]])), name
+        else:
+            assert torch.equal(tensor, saved[0]["model"][name]), name
+    # The single worker keeps every optimizer entry: Muon momentum from its old owner, expert momentum
+    # re-joined, AdamW moments and step counts as saved.
+    names = {n for s in saved for n in s["optimizer"]["state"]}
+    assert set(loaded["optimizer"]["state"]) == names
+    for name in names:
+        got = loaded["optimizer"]["state"][name]
+        if is_stacked_expert(name):
+            want = torch.cat([saved[0]["optimizer"]["state"][name]["momentum"],
+                              saved[1]["optimizer"]["state"][name]["momentum"]])
+            assert torch.equal(got["momentum"], want), name
+        else:
+            want = _saved_entry(saved, name)
+            assert got.keys() == want.keys(), name
+            for key, value in want.items():
+                assert (torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value), name
+    # Of the tensors, exactly what the state holds was read.
+    assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == _tensor_bytes(
+        {k: v for k, v in loaded.items() if k != "resharded_from"})
+    # Training on from it is the uninterrupted 2-worker run, to float rounding.
+    full = {n: (torch.cat([uninterrupted[0]["model"][n], uninterrupted[1]["model"][n]]) if is_stacked_expert(n)
+                else uninterrupted[0]["model"][n]) for n in final["model"]}
+    assert final["step"] == STEPS
+    _assert_close_params(final["model"], full, "2 workers ep=2 -> 1 worker")
+
+
+def test_one_worker_into_two_workers_ep2(tmp_path):
+    folder = str(tmp_path / "checkpoint-step00000003")
+    saved = train_and_save(0, 1, 1, 3, folder)
+    uninterrupted = train_and_save(0, 1, 1, STEPS, None)
+    results = run_workers(resume_and_train, 2, 2, folder, STEPS - 3)
+    num_experts = _config(1, 1).model.num_experts
+    half = num_experts // 2
+    owned: list[set[str]] = []
+    for rank, (loaded, final) in enumerate(results):
+        rows = range(rank * half, (rank + 1) * half)
+        for name, tensor in loaded["model"].items():
+            want = saved["model"][name][rows.start:rows.stop] if is_stacked_expert(name) else saved["model"][name]
+            assert torch.equal(tensor, want), name
+        state = loaded["optimizer"]["state"]
+        for name, entry in state.items():
+            for key, value in entry.items():
+                want = saved["optimizer"]["state"][name][key]
+                if is_stacked_expert(name):
+                    want = want[rows.start:rows.stop]
+                assert (torch.equal(value, want) if isinstance(value, torch.Tensor) else value == want), name
+        owned.append({n for n in state if "momentum" in state[n] and not is_stacked_expert(n)})
+        # Each rank read only the tensor bytes it keeps: half the experts, its share of the momenta.
+        assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == _tensor_bytes(
+            {k: v for k, v in loaded.items() if k != "resharded_from"})
+        for name, tensor in final["model"].items():
+            want = uninterrupted["model"][name]
+            if is_stacked_expert(name):
+                want = want[rows.start:rows.stop]
+            _assert_close_params({name: tensor}, {name: want}, f"1 worker -> 2 workers ep=2, rank {rank}")
+    # The replicated Muon matrices' momenta now live on exactly one of the two ranks each.
+    muon = {n for n, e in saved["optimizer"]["state"].items() if "momentum" in e and not is_stacked_expert(n)}
+    assert owned[0] | owned[1] == muon and not owned[0] & owned[1] and owned[0] and owned[1]
+
+
+def test_without_a_reshard_spec_another_layout_is_refused(two_worker_ep2):
+    folder, _, _ = two_worker_ep2
+    cfg = _config(1, 1)
+    with pytest.raises(ValueError, match="written by 2 workers with ep=2; this run has 1 workers with ep=1"):
+        checkpointing.load_rank_state(LocalCheckpoint(folder), 0, math_signature(cfg), 1, 1)

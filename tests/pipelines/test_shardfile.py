@@ -1,0 +1,104 @@
+"""The checkpoint shard format: exact round trips, ranged reads of tensors and expert rows, and clear
+errors for files that are not shards or are cut short."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from pipelines import shardfile
+
+
+def _state():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "model": {"embed.weight": torch.randn(5, 3, generator=gen),
+                  "layers.1.mlp.experts.gate_proj": torch.randn(4, 6, 3, generator=gen).to(torch.bfloat16),
+                  "empty": torch.empty(0, 7)},
+        "optimizer": {"state": {"w": {"step": 3, "exp_avg": torch.randn(2, 2, generator=gen)}},
+                      "param_groups": [{"betas": (0.9, 0.95), "names": ["w"]}]},
+        "step": 7,
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "ids": [torch.arange(5), (torch.ones(2, dtype=torch.int32), "tag")],
+    }
+
+
+def _assert_same(a, b, where="state"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}/{i}")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_round_trip_is_exact_for_every_dtype_and_container():
+    state = _state()
+    _assert_same(shardfile.decode(shardfile.encode(state)), state)
+
+
+def test_decoded_tensors_are_independent_of_the_source():
+    state = {"w": torch.zeros(3)}
+    data = shardfile.encode(state)
+    state["w"].add_(1)
+    out = shardfile.decode(data)
+    assert torch.equal(out["w"], torch.zeros(3))
+    out["w"].add_(2)  # writable, owns its memory
+    assert torch.equal(shardfile.decode(data)["w"], torch.zeros(3))
+
+
+def test_ranged_reads_fetch_only_the_requested_bytes(tmp_path):
+    state = _state()
+    path = tmp_path / "rank-00000.shard"
+    path.write_bytes(shardfile.encode(state))
+    fs = pafs.LocalFileSystem()
+    with shardfile.ShardReader(fs, str(path)) as reader:
+        after_header = reader.bytes_read
+        key = "model/layers.1.mlp.experts.gate_proj"
+        rows = reader.tensor(key, range(1, 3))
+        assert torch.equal(rows, state["model"]["layers.1.mlp.experts.gate_proj"][1:3])
+        assert reader.bytes_read - after_header == 2 * 6 * 3 * 2  # two bf16 experts of [6, 3]
+        assert reader.tensor_bytes_read == 2 * 6 * 3 * 2
+        assert torch.equal(reader.tensor("model/embed.weight"), state["model"]["embed.weight"])
+        assert reader.tensor("model/empty").shape == (0, 7)
+        skeleton = reader.skeleton()
+        assert skeleton["step"] == 7
+        assert skeleton["model"]["embed.weight"] == shardfile.TensorRef("model/embed.weight")
+        assert skeleton["optimizer"]["state"]["w"]["step"] == 3
+        with pytest.raises(ValueError, match="rows range\\(3, 5\\) outside"):
+            reader.tensor(key, range(3, 5))
+
+
+def test_not_a_shard_and_truncated_shard_are_clear_errors(tmp_path):
+    fs = pafs.LocalFileSystem()
+    old = tmp_path / "rank-00000.pt"
+    torch.save({"w": torch.zeros(2)}, old)
+    with pytest.raises(ValueError, match="rank-00000.pt is not a k2pipe checkpoint shard"):
+        shardfile.ShardReader(fs, str(old))
+    with pytest.raises(ValueError, match="not a k2pipe checkpoint shard"):
+        shardfile.decode(old.read_bytes(), str(old))
+    cut = tmp_path / "rank-00001.shard"
+    data = shardfile.encode({"w": torch.zeros(1000)})
+    cut.write_bytes(data[:len(data) - 2000])
+    with shardfile.ShardReader(fs, str(cut)) as reader:
+        with pytest.raises(OSError, match="rank-00001.shard: short read"):
+            reader.tensor("w")
+
+
+def test_a_key_holding_the_path_separator_is_refused():
+    with pytest.raises(ValueError, match="'a/b'"):
+        shardfile.encode({"model": {"a/b": torch.zeros(1)}})
