@@ -102,3 +102,21 @@ def test_not_a_shard_and_truncated_shard_are_clear_errors(tmp_path):
 def test_a_key_holding_the_path_separator_is_refused():
     with pytest.raises(ValueError, match="'a/b'"):
         shardfile.encode({"model": {"a/b": torch.zeros(1)}})
+
+
+def test_ranged_reads_through_the_s3_server(s3_bucket):
+    """The reads a resharding rank makes, against an S3 server on 127.0.0.1 through the retrying
+    filesystem that Ray Train's storage uses."""
+    from pipelines import storage
+    from pipelines.retrying_fs import retrying
+
+    state = _state()
+    uri = f"s3://{s3_bucket}/ckpt/rank-00000.shard"
+    storage.write_bytes(uri, shardfile.encode(state))
+    fs, path = storage.resolve(uri)
+    with shardfile.ShardReader(retrying(fs), path) as reader:
+        key = "model/layers.1.mlp.experts.gate_proj"
+        assert torch.equal(reader.tensor(key, range(2, 4)), state["model"]["layers.1.mlp.experts.gate_proj"][2:4])
+        assert reader.tensor_bytes_read == 2 * 6 * 3 * 2
+        assert reader.skeleton()["step"] == 7
+    _assert_same(shardfile.decode(storage.read_bytes(uri)), state)
