@@ -28,6 +28,8 @@ import concurrent.futures
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -64,13 +66,19 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
-def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes, attempts: int, backoff: float) -> None:
+def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes | Callable[[Any], Any], attempts: int,
+                      backoff: float) -> None:
+    """Write ``data`` (bytes, or a function that writes to the open stream) to ``path``, retrying with
+    exponential backoff; every attempt writes the whole file again."""
     delay = backoff
     for attempt in range(attempts):
         try:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             with fs.open_output_stream(path) as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
             return
         except OSError as e:
             if attempt == attempts - 1:
@@ -116,8 +124,8 @@ class CheckpointWriter:
         self._pending = (step, future, metrics)
 
     def _upload(self, folder: str, snap: dict[str, Any], meta: dict[str, Any]) -> None:
-        _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}", shardfile.encode(snap),
-                          self.attempts, self.backoff_s)
+        _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}",
+                          lambda stream: shardfile.write(stream, snap), self.attempts, self.backoff_s)
         if self.rank == 0:
             _write_with_retry(self.fs, f"{folder}/{META_NAME}", json.dumps(meta, default=str).encode(),
                               self.attempts, self.backoff_s)
@@ -177,13 +185,14 @@ class CheckpointWriter:
 
 
 # ---------------------------------------------------------------------- loading
+@dataclass(frozen=True)
 class ReshardSpec:
-    """What a rank needs to load a checkpoint written in another layout: the model's number of routed
-    experts and which parameters' optimizer state it keeps (``MuonClip.computes_here``)."""
+    """What a rank needs to load a checkpoint written in another layout."""
 
-    def __init__(self, num_experts: int, keeps_state):
-        self.num_experts = num_experts
-        self.keeps_state = keeps_state
+    num_experts: int
+    """Routed experts per MoE layer (the rows of every expert stack, all ranks together)."""
+    keeps_state: Callable[[str], bool]
+    """Whether this rank holds a parameter's optimizer state, by name (``MuonClip.computes_here``)."""
 
 
 def read_meta(checkpoint) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A pyarrow filesystem that rides out storage outages: every operation is retried with exponential
 backoff for up to ``retry_seconds`` when the store answers with a transient error (a refused or dropped
 connection, throttling, a 5xx), and writes are buffered in memory and sent whole on close, so a write
-that fails half-way is simply sent again.
+that fails half-way is simply sent again. Random-access files read by byte range, each range retried.
 
 Ray Train writes its own run state (``checkpoint_manager_snapshot.json``) through the filesystem it is
 given; wrapping the S3 filesystem here keeps a short outage of the object store from killing the run's
@@ -93,8 +93,7 @@ class RetryingHandler(pafs.FileSystemHandler):
         return pa.BufferReader(data)
 
     def open_input_file(self, path):
-        data = self._retry(lambda: _read_all(self.inner, path))
-        return pa.BufferReader(data)
+        return pa.PythonFile(_RangedReads(self, path), mode="r")
 
     def open_output_stream(self, path, metadata=None):
         return pa.PythonFile(_BufferedWrite(self, path, metadata), mode="w")
@@ -106,6 +105,55 @@ class RetryingHandler(pafs.FileSystemHandler):
 def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path, compression=None) as f:
         return f.read()
+
+
+class _RangedReads(io.RawIOBase):
+    """Random access to one object: every read is a ranged read of the inner file (``read_at``, one GET
+    on S3), retried like every other call, the file reopened after a failure. A reader that needs a few
+    pieces of a large object (a resharding rank, a parquet footer) fetches just those bytes."""
+
+    def __init__(self, handler: RetryingHandler, path: str):
+        self.handler, self.path = handler, path
+        self._file = handler._retry(lambda: handler.inner.open_input_file(path))
+        self._size = self._file.size()
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), max(0, self._size - self._pos))
+        if n == 0:
+            return 0
+        offset = self._pos
+
+        def attempt() -> bytes:
+            try:
+                return self._file.read_at(n, offset)
+            except OSError:
+                self._file = self.handler.inner.open_input_file(self.path)  # a fresh connection next time
+                raise
+
+        data = self.handler._retry(attempt)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 class _BufferedWrite(io.RawIOBase):

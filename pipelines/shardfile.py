@@ -81,32 +81,43 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def encode(state: Any) -> bytes:
-    """The shard file's bytes for ``state`` (nested dicts, lists and tuples of tensors and picklable values)."""
+def write(stream, state: Any) -> int:
+    """Write the shard file for ``state`` (nested dicts, lists and tuples of tensors and picklable values)
+    to ``stream``, tensor by tensor: nothing but the index and the skeleton is copied first, so a shard
+    as large as the rank's whole state is never held twice. Returns the bytes written."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, (), tensors)
     index: dict[str, dict[str, Any]] = {}
-    chunks: list[memoryview | bytes] = []
     offset = 0
     for key, t in tensors.items():
-        raw = _raw(t)
-        pad = -offset % ALIGN
-        if pad:
-            chunks.append(bytes(pad))
-            offset += pad
+        offset += -offset % ALIGN
+        nbytes = t.numel() * t.element_size()
         index[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
-                      "nbytes": raw.nbytes}
-        chunks.append(raw)
-        offset += raw.nbytes
+                      "nbytes": nbytes}
+        offset += nbytes
     buf = io.BytesIO()
     torch.save(skeleton, buf)
     skel = buf.getvalue()
     header = json.dumps({"version": VERSION, "tensors": index, "skeleton": [offset, len(skel)]}).encode()
-    out = bytearray(MAGIC + struct.pack("<Q", len(header)) + header)
-    for chunk in chunks:
-        out += chunk
-    out += skel
-    return bytes(out)
+    stream.write(MAGIC + struct.pack("<Q", len(header)) + header)
+    pos = 0
+    for key, t in tensors.items():
+        start = index[key]["offset"]
+        if start > pos:
+            stream.write(bytes(start - pos))
+        raw = _raw(t)
+        if raw.nbytes:
+            stream.write(raw)
+        pos = start + raw.nbytes
+    stream.write(skel)
+    return _PREFIX + len(header) + offset + len(skel)
+
+
+def encode(state: Any) -> bytes:
+    """The shard file's bytes for ``state`` (``write`` into memory)."""
+    buf = io.BytesIO()
+    write(buf, state)
+    return buf.getvalue()
 
 
 def _tensor_from(raw: bytes | bytearray | memoryview, info: dict[str, Any], shape: list[int] | None = None

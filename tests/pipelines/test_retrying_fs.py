@@ -72,3 +72,53 @@ def test_local_filesystems_are_not_wrapped_and_the_wrapper_pickles(own_s3):
     wrapped = retrying(raw)
     clone = pickle.loads(pickle.dumps(wrapped))
     assert isinstance(clone.handler, RetryingHandler) and clone.handler.retry_seconds == 120.0
+
+
+class RecordingFS:
+    """The S3 filesystem, with every ranged read of an input file recorded as (offset, nbytes)."""
+
+    def __init__(self, fs):
+        self.fs, self.reads = fs, []
+
+    def open_input_file(self, path):
+        inner, reads = self.fs.open_input_file(path), self.reads
+
+        class File:
+            def size(self):
+                return inner.size()
+
+            def read_at(self, nbytes, offset):
+                reads.append((offset, nbytes))
+                return inner.read_at(nbytes, offset)
+
+            def close(self):
+                inner.close()
+
+        return File()
+
+
+def test_random_access_reads_only_the_ranges_asked_for_and_survives_an_outage(own_s3):
+    raw, state = own_s3
+    b = state["bucket"]
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    with raw.open_output_stream(f"{b}/big.bin") as f:
+        f.write(payload)
+    recording = RecordingFS(raw)
+    handler = RetryingHandler(recording, retry_seconds=30)
+    f = handler.open_input_file(f"{b}/big.bin")
+    assert f.size() == len(payload)
+    assert f.read_at(16, 500_000) == payload[500_000:500_016]
+    f.seek(1_048_570)
+    assert f.read() == payload[-6:]
+    assert recording.reads == [(500_000, 16), (1_048_570, 6)], "only the asked-for bytes were fetched"
+
+    state["server"].stop()
+
+    def come_back():
+        time.sleep(2)
+        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=state["port"], verbose=False)
+        state["server"].start()
+
+    threading.Thread(target=come_back, daemon=True).start()
+    assert f.read_at(8, 123) == payload[123:131]  # the store is down right now
+    f.close()
