@@ -296,6 +296,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
         system_metrics = _start_system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        # The run's params keep the layout it started in; a resharded resume shows up here.
+        logger.set_tag("k2pipe.layout_history", json.dumps(trainer.layout_history))
     if rank == 0 and trainer.optimizer.ns_dtype is not None:
         # optimizer.ns_dtype=auto resolves per hardware (and a resumed run keeps its checkpoint's dtype).
         say(f"[k2pipe] Newton-Schulz iterates in {trainer.optimizer.ns_dtype} "
