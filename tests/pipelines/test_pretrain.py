@@ -74,9 +74,20 @@ def _flat(obj, prefix=""):
 
 @pytest.fixture(scope="module")
 def ray_local():
+    import os
+
+    # Ray Train's controller collects reported checkpoints when it polls the workers (every 2 s by
+    # default); a job killed sooner after a report loses that registration. Poll often, so that the
+    # tests that kill a job resume from a recent checkpoint. Workers inherit the driver's environment.
+    previous = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +259,8 @@ def test_rank_reads_only_meta_and_its_own_shard(reference_ep2):
 
 def test_a_job_run_again_on_fewer_workers_resumes_resharded(reference_ep2, data, tmp_path):
     """The job dies on 2 workers (ep=2) at step 7; run again under the same name on 1 worker, it resumes
-    from its latest registered checkpoint (step 4 or 6: registration is asynchronous), resharded, and ends
+    from its latest registered checkpoint (step 2, 4 or 6: Ray Train registers a reported checkpoint
+    asynchronously, and on a loaded machine it has lagged 3 steps behind), resharded, and ends
     where the uninterrupted 2-worker run ends (to float rounding: the layout changes the order of sums)."""
     from ray.train import TrainingFailedError
 
@@ -264,7 +276,7 @@ def test_a_job_run_again_on_fewer_workers_resumes_resharded(reference_ep2, data,
     final, = final_shards(out.checkpoint_uri, 1)
     first, resumed = final["layout_history"]
     assert first == {"from_step": 0, "world_size": 2, "ep": 2}, final["layout_history"]
-    assert resumed["from_step"] in (4, 6) and (resumed["world_size"], resumed["ep"]) == (1, 1), resumed
+    assert resumed["from_step"] in (2, 4, 6) and (resumed["world_size"], resumed["ep"]) == (1, 1), resumed
     reference = reference_ep2[1]
     for name, tensor in final["model"].items():
         want = (torch.cat([reference[0]["model"][name], reference[1]["model"][name]])
