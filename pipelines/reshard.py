@@ -28,23 +28,10 @@ import torch
 
 from k2model.model import is_stacked_expert
 from k2model.parallel import ParallelLayout
-from pipelines.shardfile import ShardReader, TensorRef
+from pipelines.shardfile import ShardReader, TensorRef, fill
 
 MODEL = "model/"
 OPT_STATE = "optimizer/state/"
-
-
-def _materialize(obj: Any, reader: ShardReader) -> Any:
-    """``obj`` (a part of ``reader``'s skeleton) with every ``TensorRef`` read from ``reader``."""
-    if isinstance(obj, TensorRef):
-        return reader.tensor(obj.key)
-    if isinstance(obj, dict):
-        return {k: _materialize(v, reader) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialize(v, reader) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, reader) for v in obj)
-    return obj
 
 
 def _expert_rows(readers: list[ShardReader], key: str, layouts: list[ParallelLayout], num_experts: int,
@@ -119,5 +106,5 @@ def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_siz
     optimizer["layout"] = {"world_size": None, "rank": None, "owners": None}
     same_index = readers[rank] if rank < old_world else readers[0]
     state = {k: v for k, v in first.items() if k not in ("model", "optimizer", "rng")}
-    state.update(model=model, optimizer=optimizer, rng=_materialize(same_index.skeleton()["rng"], same_index))
+    state.update(model=model, optimizer=optimizer, rng=fill(same_index.skeleton()["rng"], same_index.tensor))
     return state

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,15 +65,16 @@ def _flatten(obj: Any, path: tuple[str, ...], tensors: dict[str, torch.Tensor]) 
     return obj
 
 
-def _fill(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def fill(obj: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
+    """``obj`` (a skeleton or a part of one) with every ``TensorRef`` replaced by ``tensor(key)``."""
     if isinstance(obj, TensorRef):
-        return tensors[obj.key]
+        return tensor(obj.key)
     if isinstance(obj, dict):
-        return {k: _fill(v, tensors) for k, v in obj.items()}
+        return {k: fill(v, tensor) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_fill(v, tensors) for v in obj]
+        return [fill(v, tensor) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_fill(v, tensors) for v in obj)
+        return tuple(fill(v, tensor) for v in obj)
     return obj
 
 
@@ -146,7 +148,7 @@ def decode(data: bytes, where: str = "shard") -> Any:
                for key, i in header["tensors"].items()}
     s_off, s_len = header["skeleton"]
     skeleton = torch.load(io.BytesIO(view[base + s_off:base + s_off + s_len]), weights_only=False)
-    return _fill(skeleton, tensors)
+    return fill(skeleton, tensors.__getitem__)
 
 
 class ShardReader:

@@ -32,6 +32,17 @@ def own_s3(monkeypatch):
     state["server"].stop()
 
 
+def restart_later(state, after_s: float = 2.0) -> None:
+    """Start the stopped S3 server again on its port after ``after_s``, in the background."""
+
+    def come_back():
+        time.sleep(after_s)
+        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=state["port"], verbose=False)
+        state["server"].start()
+
+    threading.Thread(target=come_back, daemon=True).start()
+
+
 def test_writes_and_reads_survive_an_outage(own_s3):
     raw, state = own_s3
     fs = retrying(raw, retry_seconds=30)
@@ -39,13 +50,7 @@ def test_writes_and_reads_survive_an_outage(own_s3):
     with fs.open_output_stream(f"{b}/before.bin") as f:
         f.write(b"x" * 10)
     state["server"].stop()
-
-    def come_back():
-        time.sleep(2)
-        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=state["port"], verbose=False)
-        state["server"].start()
-
-    threading.Thread(target=come_back, daemon=True).start()
+    restart_later(state)
     started = time.monotonic()
     with fs.open_output_stream(f"{b}/during.bin") as f:  # the store is down right now
         f.write(b"hello")
@@ -113,12 +118,6 @@ def test_random_access_reads_only_the_ranges_asked_for_and_survives_an_outage(ow
     assert recording.reads == [(500_000, 16), (1_048_570, 6)], "only the asked-for bytes were fetched"
 
     state["server"].stop()
-
-    def come_back():
-        time.sleep(2)
-        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=state["port"], verbose=False)
-        state["server"].start()
-
-    threading.Thread(target=come_back, daemon=True).start()
+    restart_later(state)
     assert f.read_at(8, 123) == payload[123:131]  # the store is down right now
     f.close()
