@@ -106,8 +106,10 @@ class Trainer:
         self.batches = batches
         self.val_batches = val_batches
         self.step = 0
-        self.layout_history = [{"from_step": 0, "world_size": world, "ep": cfg.train.ep}]
-        """The layouts this run has trained in: one entry per change (a resharded resume)."""
+        self.run_history = [{"from_step": 0, "world_size": world, "ep": cfg.train.ep}]
+        """One entry per start of this run, the first from scratch, each further one a resume from a
+        checkpoint: the step it resumed at and the layout it ran in from there (a resharded resume shows
+        another ``world_size`` or ``ep``)."""
         self.bad_streak = 0
         self.skipped_total = 0
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
@@ -128,7 +130,7 @@ class Trainer:
             "model": {k: v for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
-            "layout_history": self.layout_history,
+            "run_history": self.run_history,
             "bad_streak": self.bad_streak,
             "skipped_total": self.skipped_total,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -138,11 +140,8 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        history = [dict(h) for h in state.get("layout_history", [])]
-        now = {"world_size": self.world, "ep": self.cfg.train.ep}
-        if not history or {k: history[-1][k] for k in now} != now:
-            history.append({"from_step": self.step, **now})
-        self.layout_history = history
+        self.run_history = [*map(dict, state.get("run_history", [])),
+                            {"from_step": self.step, "world_size": self.world, "ep": self.cfg.train.ep}]
         self.bad_streak = int(state["bad_streak"])
         self.skipped_total = int(state.get("skipped_total", 0))
         torch.set_rng_state(state["rng"]["torch"])
@@ -296,8 +295,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
         system_metrics = _start_system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
-        # The run's params keep the layout it started in; a resharded resume shows up here.
-        logger.set_tag("k2pipe.layout_history", json.dumps(trainer.layout_history))
+        # Every start of the run, and the layout of each: the run's params keep the one it started in.
+        logger.set_tag("k2pipe.run_history", json.dumps(trainer.run_history))
     if rank == 0 and trainer.optimizer.ns_dtype is not None:
         # optimizer.ns_dtype=auto resolves per hardware (and a resumed run keeps its checkpoint's dtype).
         say(f"[k2pipe] Newton-Schulz iterates in {trainer.optimizer.ns_dtype} "
