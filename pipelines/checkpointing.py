@@ -209,6 +209,20 @@ def check_compatible(meta: dict[str, Any], signature: dict[str, Any], where: str
                          "refusing to resume. Use another run name to start fresh.")
 
 
+def _check_shards_present(fs: pafs.FileSystem, folder: str, world_size: int) -> None:
+    """Every rank's shard is in ``folder``, or a ValueError that says what is there instead."""
+    names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(folder))}
+    missing = [SHARD_NAME.format(rank=k) for k in range(world_size) if SHARD_NAME.format(rank=k) not in names]
+    if not missing:
+        return
+    older = sorted(n for n in names if n.startswith("rank-") and n.endswith(".pt"))
+    hint = (f"it holds {', '.join(older[:3])}: shards of the torch.save format used before the indexed "
+            "shard format, which cannot be resumed; start the run under another name" if older
+            else f"it holds {sorted(names)}")
+    raise ValueError(f"checkpoint {folder} lacks {', '.join(missing[:3])} (written by {world_size} workers); "
+                     + hint)
+
+
 def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int,
                     reshard: ReshardSpec | None = None) -> dict[str, Any]:
     """This rank's state from ``checkpoint``. In the layout that wrote it: ``meta.json`` and this rank's
@@ -217,6 +231,7 @@ def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size
     meta = read_meta(checkpoint)
     check_compatible(meta, signature, checkpoint.path)
     fs = checkpoint.filesystem
+    _check_shards_present(fs, checkpoint.path, meta["world_size"])
     if meta["world_size"] == world_size and meta["ep"] == ep:
         path = f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}"
         with fs.open_input_stream(path) as f:

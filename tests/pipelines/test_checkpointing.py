@@ -90,3 +90,19 @@ def test_pending_upload_is_not_registered_until_done(tmp_path, reports):
     gate.set()
     writer.poll_and_register(final=True)
     assert reports[-1][1].path.endswith("checkpoint-step00000003")
+
+
+def test_a_checkpoint_of_the_older_shard_format_is_a_clear_error(tmp_path):
+    import json
+
+    folder = tmp_path / "checkpoint-step00000004"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "ep": 1, "signature": {}}))
+    torch.save({"model": {}}, folder / "rank-00000.pt")
+
+    class Ckpt:
+        path = str(folder)
+        filesystem = pafs.LocalFileSystem()
+
+    with pytest.raises(ValueError, match=r"lacks rank-00000.shard .*rank-00000.pt: shards of the torch.save"):
+        checkpointing.load_rank_state(Ckpt(), 0, {}, 1, 1)
