@@ -103,7 +103,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     per_chunk = max(1, min(K, chunk_bytes // (M * N * out_KMN.element_size())))
     # In fp32 and wider, a X + (b A + c A^2) X runs as one product (a I + b A + c A^2) X: adding a to the
     # diagonal is an [m]-sized step where baddbmm's beta = a rescales and adds the whole [m, n] iterate
-    # (about 5% of a tiny expert stack's chain on a 2-core AVX2 CPU; benchmarks/optimizer.py). Not in
+    # (1.66 -> 1.57 ms on a tiny expert stack, 2 threads of a 2-core AVX2 CPU, side by side). Not in
     # bf16: there the sum a + (b A + c A^2)_ii is rounded to 8 bits before it multiplies, which more than
     # doubled the iterate's error against a float64 chain (1.4e-2 -> 3.5e-2 on tiny's expert stack).
     fold_a = torch.finfo(dtype).bits >= 32

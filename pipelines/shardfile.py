@@ -83,10 +83,11 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write(stream, state: Any) -> int:
+def write(stream, state: Any) -> None:
     """Write the shard file for ``state`` (nested dicts, lists and tuples of tensors and picklable values)
-    to ``stream``, tensor by tensor: nothing but the index and the skeleton is copied first, so a shard
-    as large as the rank's whole state is never held twice. Returns the bytes written."""
+    to ``stream``, tensor by tensor: only the index and the skeleton are built in memory first, so this
+    function never holds a second copy of the tensors (a stream that buffers, such as the retrying S3
+    wrapper's, still does)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, (), tensors)
     index: dict[str, dict[str, Any]] = {}
@@ -112,7 +113,6 @@ def write(stream, state: Any) -> int:
             stream.write(raw)
         pos = start + raw.nbytes
     stream.write(skel)
-    return _PREFIX + len(header) + offset + len(skel)
 
 
 def encode(state: Any) -> bytes:
