@@ -346,7 +346,7 @@ class MuonClip(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any], stats: dict[str, int]) -> None:
         mu, nesterov = group["momentum"], group["nesterov"]
         # Same-shape matrices (wide orientation) from the whole model, orthogonalised as one stack.
-        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for p, name in zip(group["params"], group["names"]):
             if p.grad is None or not self.computes_here(name):
                 continue
@@ -356,29 +356,37 @@ class MuonClip(torch.optim.Optimizer):
                 state["momentum"] = _fp32_zeros_like(p)
             M = state["momentum"]
             M.mul_(mu).add_(g)
-            U = g.add(M, alpha=mu) if nesterov else M
-            _, rows, cols = _matrix_shape(p)
-            U_KRC = U.reshape(-1, rows, cols)
-            wide_KMN = U_KRC.mT if rows > cols else U_KRC
-            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append((p, wide_KMN))
+            rows, cols = p.shape[-2], p.shape[-1]
+            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append((p, g, M))
 
         ns_dtype, steps = NS_DTYPES[group["ns_dtype"]], group["ns_steps"]
+        lr, weight_decay = group["lr"], group["weight_decay"]
         for (m, n), items in by_shape.items():
-            stack_KMN = torch.cat([w for _, w in items]) if len(items) > 1 else items[0][1]
+            # The Nesterov update g + mu M is written straight into its slot of the stack (transposed for
+            # tall matrices): no per-parameter temporary and no concatenation pass.
+            views = [_matrix_shape(p) for p, _, _ in items]
+            stack_KMN = torch.empty(sum(k for k, _, _ in views), m, n, dtype=torch.float32,
+                                    device=items[0][0].device)
+            start = 0
+            for (_, g, M), (k, rows, cols) in zip(items, views):
+                slot = stack_KMN[start:start + k]
+                slot_KRC = slot.mT if rows > cols else slot
+                if nesterov:
+                    torch.add(g.reshape(k, rows, cols), M.view(k, rows, cols), alpha=mu, out=slot_KRC)
+                else:
+                    slot_KRC.copy_(M.view(k, rows, cols))
+                start += k
             ortho_KMN = newton_schulz(stack_KMN, steps, ns_dtype)
             stats["ns_matrices"] += stack_KMN.shape[0]
             stats["ns_flops"] += stack_KMN.shape[0] * newton_schulz_flops(m, n, steps)
             stats["ns_batches"] += 1
             scale = group["rms_scale"] * math.sqrt(n)
             start = 0
-            for p, wide_KMN in items:
-                k = wide_KMN.shape[0]
+            for (p, _, _), (k, rows, cols) in zip(items, views):
                 o_KMN = ortho_KMN[start:start + k]
                 start += k
-                rows, cols = p.shape[-2], p.shape[-1]
                 o_KRC = o_KMN.mT if rows > cols else o_KMN
-                update = o_KRC.float().reshape(p.shape).mul_(scale)
-                _apply_decoupled(p, update, group["lr"], group["weight_decay"])
+                _apply_decoupled(p, o_KRC.view(p.shape), lr, weight_decay, scale)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
@@ -397,8 +405,7 @@ class MuonClip(torch.optim.Optimizer):
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-            update = exp_avg.div(denom).div_(1 - beta1**t)
-            _apply_decoupled(p, update, group["lr"], group["weight_decay"])
+            _apply_decoupled(p, exp_avg.div(denom), group["lr"], group["weight_decay"], 1 / (1 - beta1**t))
 
     def _broadcast_owned(self) -> None:
         """Every owner sends its replicated Muon parameters, one flat buffer per (owner, dtype)."""
@@ -505,11 +512,12 @@ def _fp32_zeros_like(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
 
-def _apply_decoupled(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """W = W - lr * (update + wd * W), computed in fp32; ``update`` (fp32) is used as scratch."""
+def _apply_decoupled(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float,
+                     scale: float = 1.0) -> None:
+    """W = W - lr * (scale * update + wd * W), computed in fp32 as W * (1 - lr wd) - (lr scale) update:
+    two passes over W and no temporary (``update`` may be a strided view, in any float dtype)."""
     p32 = p.float()
-    update.add_(p32, alpha=weight_decay).mul_(lr)
-    p32.sub_(update)
+    p32.mul_(1 - lr * weight_decay).add_(update, alpha=-lr * scale)
     if p32 is not p:
         p.copy_(p32)
 
