@@ -20,17 +20,17 @@ maximum sits at tau from step ~300 on, and the loss curves of the two runs lie o
 Why this data: a post-step clip can only cap the next step's maximum if that maximum does not depend on
 which sequences the step drew. Every ``probe_every`` steps the benchmark measures the maximum on
 ``probe_batches`` new batches at fixed weights and reports max / median of those (``batch_spread``).
-Here all 256 token pairs occur in every batch and the spread is 1.00-1.02 once the logits are large, so
-what is left is the growth of one update, which the clip at step t-1 could not see (a few percent at
-these learning rates; in runs of this data at AdamW 5e-3 it was 30-100%, and the maximum with the
-clip stayed at 1.3-2.7 tau).
-The earlier default, ``--data markov`` (each token follows its predecessor through a fixed permutation
-of a 512-token vocabulary or, with probability 0.1, repeats the token 8 back; AdamW 5e-3, tau 8), never
-met both targets in about 25 settings tried on two machines (batch 16-64, vocabulary 64-512, sequences
-64-256, AdamW 3e-3 to 3e-2, MuonClip 1e-2 to 1e-1, tau 4-30): its best was 1.14 / 2.36. There a batch
-holds about a thousand of the 262,144 token pairs, the batch maximum varies by 10-25% from one batch to the
-next, and that spread, not the clip, set the overshoot (the clipped head's logit on the step's own batch
-is tau: tests/k2model/test_qk_clip.py).
+Here all 256 token pairs occur in every batch and the spread is 1.00-1.03 once the logits are large, so
+what is left is the growth of one update, which the clip at step t-1 could not see: a few percent at
+these learning rates. (Runs of this data at AdamW 5e-3, whose updates grow the logits far faster, kept
+the clipped maximum at 1.3-2.7 tau.)
+The earlier default, ``--data markov --optimizer adamw --lr 5e-3`` (each token follows its predecessor
+through a fixed permutation of a 512-token vocabulary or, with probability 0.1, repeats the token 8
+back), never met both targets in about 25 settings tried on two machines (batch 16-64, vocabulary 64-512,
+sequences 64-256, AdamW 3e-3 to 3e-2, MuonClip 1e-2 to 1e-1, tau 4-30): its best was 1.14 / 2.36. There
+a batch holds about a thousand of the 262,144 token pairs, the batch maximum varies by 10-25% from one
+batch to the next, and that spread, not the clip, set the overshoot (the clipped head's logit on the
+step's own batch is tau: tests/k2model/test_qk_clip.py).
 
     python -m benchmarks.qk_clip --out bench-results/qk_clip.json   (also writes a .png; about 4 minutes;
     --quick runs 600 steps in about 2 minutes: 1.029 / 2.63 tau)
