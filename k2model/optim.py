@@ -345,8 +345,10 @@ class MuonClip(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any], stats: dict[str, int]) -> None:
         mu, nesterov = group["momentum"], group["nesterov"]
-        # Same-shape matrices (wide orientation) from the whole model, orthogonalised as one stack.
-        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # Same-shape matrices (wide orientation) from the whole model, orthogonalised as one stack: per wide
+        # shape (m, n), each parameter with its gradient, momentum and (matrices, rows, cols).
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   tuple[int, int, int]]]] = {}
         for p, name in zip(group["params"], group["names"]):
             if p.grad is None or not self.computes_here(name):
                 continue
@@ -356,19 +358,18 @@ class MuonClip(torch.optim.Optimizer):
                 state["momentum"] = _fp32_zeros_like(p)
             M = state["momentum"]
             M.mul_(mu).add_(g)
-            rows, cols = p.shape[-2], p.shape[-1]
-            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append((p, g, M))
+            shape = _matrix_shape(p)
+            by_shape.setdefault((min(shape[1:]), max(shape[1:])), []).append((p, g, M, shape))
 
         ns_dtype, steps = NS_DTYPES[group["ns_dtype"]], group["ns_steps"]
         lr, weight_decay = group["lr"], group["weight_decay"]
         for (m, n), items in by_shape.items():
             # The Nesterov update g + mu M is written straight into its slot of the stack (transposed for
             # tall matrices): no per-parameter temporary and no concatenation pass.
-            views = [_matrix_shape(p) for p, _, _ in items]
-            stack_KMN = torch.empty(sum(k for k, _, _ in views), m, n, dtype=torch.float32,
+            stack_KMN = torch.empty(sum(shape[0] for *_, shape in items), m, n, dtype=torch.float32,
                                     device=items[0][0].device)
             start = 0
-            for (_, g, M), (k, rows, cols) in zip(items, views):
+            for _, g, M, (k, rows, cols) in items:
                 slot = stack_KMN[start:start + k]
                 slot_KRC = slot.mT if rows > cols else slot
                 if nesterov:
@@ -382,7 +383,7 @@ class MuonClip(torch.optim.Optimizer):
             stats["ns_batches"] += 1
             scale = group["rms_scale"] * math.sqrt(n)
             start = 0
-            for (p, _, _), (k, rows, cols) in zip(items, views):
+            for p, _, _, (k, rows, cols) in items:
                 o_KMN = ortho_KMN[start:start + k]
                 start += k
                 o_KRC = o_KMN.mT if rows > cols else o_KMN
