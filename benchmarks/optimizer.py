@@ -14,7 +14,9 @@
   shape leaves most of a wide CPU's throughput unused (call overhead, one small product at a time), so
   the ceiling is high where products are cheap (AMX bf16) and lower where they are not (a 2-core AVX2 CPU
   in fp32: about 4.4, a 184.5 GFLOP/s peak over the loop's 42, with the batched chain at about two
-  thirds of the peak, 126 GFLOP/s; --quick, one run).
+  thirds of the peak, 126 GFLOP/s; --quick, one run). There the tiny speedup follows the host's load:
+  2.6-3.3x over six runs of one session, above 3x only while other load slowed the batched chain to
+  about 84 GFLOP/s (the per-matrix loop, bound by call overhead, slows less); on an AMX machine, 6-9.5x.
 
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
 

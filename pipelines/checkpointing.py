@@ -231,8 +231,8 @@ def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size
     meta = read_meta(checkpoint)
     check_compatible(meta, signature, checkpoint.path)
     fs = checkpoint.filesystem
-    _check_shards_present(fs, checkpoint.path, meta["world_size"])
     if meta["world_size"] == world_size and meta["ep"] == ep:
+        _check_shards_present(fs, checkpoint.path, meta["world_size"])
         path = f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}"
         with fs.open_input_stream(path) as f:
             return shardfile.decode(f.read(), path)
@@ -240,9 +240,18 @@ def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size
         raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with "
                          f"ep={meta['ep']}; this run has {world_size} workers with ep={ep}, and this loader "
                          "cannot reshard")
+    return read_resharded(fs, checkpoint.path, meta, rank, world_size, ep, reshard)
+
+
+def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank: int, world_size: int, ep: int,
+                   reshard: ReshardSpec) -> dict[str, Any]:
+    """The state of ``rank`` in the layout (``world_size``, ``ep``) from the checkpoint in ``folder``,
+    written in the layout ``meta`` names, with ``resharded_from`` added: the old layout and the bytes read
+    from each old shard."""
     from pipelines.reshard import load_resharded
 
-    readers = [shardfile.ShardReader(fs, f"{checkpoint.path}/{SHARD_NAME.format(rank=k)}")
+    _check_shards_present(fs, folder, meta["world_size"])
+    readers = [shardfile.ShardReader(fs, f"{folder}/{SHARD_NAME.format(rank=k)}")
                for k in range(meta["world_size"])]
     try:
         state = load_resharded(readers, meta["ep"], rank, world_size, ep, reshard.num_experts,

@@ -21,10 +21,8 @@ import torch
 
 from k2model.model import build_model, to_hf_state_dict
 from pipelines import storage
-from pipelines.checkpointing import META_NAME, SHARD_NAME
+from pipelines.checkpointing import META_NAME, ReshardSpec, read_resharded
 from pipelines.config import RunConfig
-from pipelines.reshard import load_resharded
-from pipelines.shardfile import ShardReader
 
 
 def load_checkpoint_model(checkpoint_uri: str, cfg: RunConfig) -> torch.nn.Module:
@@ -32,13 +30,7 @@ def load_checkpoint_model(checkpoint_uri: str, cfg: RunConfig) -> torch.nn.Modul
     the model's bytes are read (``pipelines.reshard``), not the optimizer state."""
     meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
     fs, path = storage.resolve(checkpoint_uri)
-    readers = [ShardReader(fs, f"{path}/{SHARD_NAME.format(rank=k)}") for k in range(int(meta["world_size"]))]
-    try:
-        state = load_resharded(readers, int(meta["ep"]), 0, 1, 1, cfg.model.num_experts,
-                               keeps_state=lambda name: False)
-    finally:
-        for r in readers:
-            r.close()
+    state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: False))
     model = build_model(cfg.model, seed=cfg.train.seed)
     model.load_state_dict(state["model"], strict=True)
     return model.eval()
