@@ -15,8 +15,8 @@
   the ceiling is high where products are cheap (AMX bf16) and lower where they are not (a 2-core AVX2 CPU
   in fp32: about 4.4, a 184.5 GFLOP/s peak over the loop's 42, with the batched chain at about two
   thirds of the peak, 126 GFLOP/s; --quick, one run). There the tiny speedup follows the host's load:
-  2.6-3.3x over six runs of one session, above 3x only while other load slowed the batched chain to
-  about 84 GFLOP/s (the per-matrix loop, bound by call overhead, slows less); on an AMX machine, 6-9.5x.
+  2.3-3.4x over twelve runs in one session, 3x or more only while other load slowed the batched chain
+  to 77-94 GFLOP/s (the per-matrix loop, bound by call overhead, slows less); on an AMX machine, 6-9.5x.
 
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
 
