@@ -1,7 +1,12 @@
 """A pyarrow filesystem that rides out storage outages: every operation is retried with exponential
 backoff for up to ``retry_seconds`` when the store answers with a transient error (a refused or dropped
-connection, throttling, a 5xx), and writes are buffered in memory and sent whole on close, so a write
-that fails half-way is simply sent again. Random-access files read by byte range, each range retried.
+connection, throttling, a 5xx). Random-access files read by byte range, each range retried.
+
+Writes are spooled and sent whole on close, so a write that fails half-way is simply sent again: the
+spool is memory up to ``spool_memory_bytes`` (64 MiB by default), then an unlinked temporary file on local
+disk (``spool_dir``, else ``TMPDIR``), so a multi-GB checkpoint shard costs disk, not a second copy of the
+shard in host memory. A stream closed by an exception raised inside its ``with`` block (the writer failed
+half-way) sends nothing: no partial object appears under the final key.
 
 Ray Train writes its own run state (``checkpoint_manager_snapshot.json``) through the filesystem it is
 given; wrapping the S3 filesystem here keeps a short outage of the object store from killing the run's
@@ -11,6 +16,8 @@ controller. Errors that retrying cannot fix (a missing key, access denied) are r
 from __future__ import annotations
 
 import io
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,6 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
+SPOOL_MEMORY_BYTES = 64 << 20
+SEND_CHUNK_BYTES = 8 << 20
 PERMANENT = ("not found", "no such", "does not exist", "access denied", "forbidden", "path does not exist",
              "is a directory", "not a directory", "invalid")
 
@@ -31,13 +40,19 @@ def is_transient(error: BaseException) -> bool:
 
 
 class RetryingHandler(pafs.FileSystemHandler):
-    def __init__(self, inner: pafs.FileSystem, retry_seconds: float = 120.0, first_backoff: float = 0.25):
+    def __init__(self, inner: pafs.FileSystem, retry_seconds: float = 120.0, first_backoff: float = 0.25,
+                 spool_memory_bytes: int = SPOOL_MEMORY_BYTES, spool_dir: str | None = None):
+        if spool_memory_bytes < 0:
+            raise ValueError(f"spool_memory_bytes must be >= 0, got {spool_memory_bytes}")
         self.inner = inner
         self.retry_seconds = retry_seconds
         self.first_backoff = first_backoff
+        self.spool_memory_bytes = spool_memory_bytes
+        self.spool_dir = spool_dir
 
     def __reduce__(self):  # travels to Ray workers with the wrapped filesystem
-        return RetryingHandler, (self.inner, self.retry_seconds, self.first_backoff)
+        return RetryingHandler, (self.inner, self.retry_seconds, self.first_backoff, self.spool_memory_bytes,
+                                 self.spool_dir)
 
     def _retry(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.retry_seconds
@@ -96,7 +111,7 @@ class RetryingHandler(pafs.FileSystemHandler):
         return pa.PythonFile(_RangedReads(self, path), mode="r")
 
     def open_output_stream(self, path, metadata=None):
-        return pa.PythonFile(_BufferedWrite(self, path, metadata), mode="w")
+        return pa.PythonFile(_SpooledWrite(self, path, metadata), mode="w")
 
     def open_append_stream(self, path, metadata=None):
         raise OSError("append is not supported on object storage")
@@ -156,32 +171,49 @@ class _RangedReads(io.RawIOBase):
         super().close()
 
 
-class _BufferedWrite(io.RawIOBase):
-    """Collects a write in memory and sends it whole, with retries, when closed."""
+class _SpooledWrite(io.RawIOBase):
+    """Collects a write in a spool (memory, then a temporary file past the handler's
+    ``spool_memory_bytes``) and sends it whole, with retries, when closed; every attempt re-reads the spool
+    from its start in ``SEND_CHUNK_BYTES`` pieces. Nothing is sent if the stream is closed while an
+    exception raised after it was opened is propagating (compared with the one, if any, being handled when
+    it was opened, so a file written inside an ``except`` block is still sent)."""
 
     def __init__(self, handler: RetryingHandler, path: str, metadata):
         self.handler, self.path, self.metadata = handler, path, metadata
-        self.buffer = io.BytesIO()
+        self.spool: io.BufferedIOBase = io.BytesIO()
+        self.spilled_to_disk = False
+        self.size = 0
+        self._exception_at_open = sys.exception()
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        return self.buffer.write(b)
+        n = memoryview(b).nbytes
+        if not self.spilled_to_disk and self.size + n > self.handler.spool_memory_bytes:
+            on_disk = tempfile.TemporaryFile(dir=self.handler.spool_dir)  # unlinked: gone when closed
+            on_disk.write(self.spool.getbuffer())
+            self.spool, self.spilled_to_disk = on_disk, True
+        self.spool.write(b)
+        self.size += n
+        return n
 
     def close(self) -> None:
         if self.closed:
             return
-        data = self.buffer.getvalue()
-
-        def send():
-            with self.handler.inner.open_output_stream(self.path, compression=None, metadata=self.metadata) as f:
-                f.write(data)
-
+        failing = sys.exception()
         try:
-            self.handler._retry(send)
+            if failing is None or failing is self._exception_at_open:
+                self.handler._retry(self._send)
         finally:
+            self.spool.close()
             super().close()
+
+    def _send(self) -> None:
+        self.spool.seek(0)
+        with self.handler.inner.open_output_stream(self.path, compression=None, metadata=self.metadata) as f:
+            while chunk := self.spool.read(SEND_CHUNK_BYTES):
+                f.write(chunk)
 
 
 def retrying(fs: pafs.FileSystem, retry_seconds: float = 120.0) -> pafs.FileSystem:

@@ -86,8 +86,8 @@ def _raw(t: torch.Tensor) -> memoryview:
 def write(stream, state: Any) -> None:
     """Write the shard file for ``state`` (nested dicts, lists and tuples of tensors and picklable values)
     to ``stream``, tensor by tensor: only the index and the skeleton are built in memory first, so this
-    function never holds a second copy of the tensors (a stream that buffers, such as the retrying S3
-    wrapper's, still does)."""
+    function never holds a second copy of the tensors (the retrying S3 wrapper's stream spools past 64 MiB
+    to local disk, not memory)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, (), tensors)
     index: dict[str, dict[str, Any]] = {}

@@ -121,3 +121,57 @@ def test_random_access_reads_only_the_ranges_asked_for_and_survives_an_outage(ow
     restart_later(state)
     assert f.read_at(8, 123) == payload[123:131]  # the store is down right now
     f.close()
+
+
+def test_a_large_write_spills_to_disk_and_is_sent_whole_after_an_outage(own_s3, tmp_path):
+    from pipelines.retrying_fs import _SpooledWrite
+
+    raw, state = own_s3
+    b = state["bucket"]
+    handler = RetryingHandler(raw, retry_seconds=30, spool_memory_bytes=1 << 20, spool_dir=str(tmp_path))
+    payload = bytes(range(251)) * 12_000  # 3 MB, a prime period so a misplaced chunk shows
+    stream = _SpooledWrite(handler, f"{b}/spilled.bin", None)
+    stream.write(payload[:700_000])
+    assert not stream.spilled_to_disk, "under the threshold the spool stays in memory"
+    stream.write(payload[700_000:])
+    assert stream.spilled_to_disk and stream.size == len(payload)
+    assert list(tmp_path.iterdir()) == [], "the spill file is unlinked: nothing is left behind"
+    state["server"].stop()
+    restart_later(state)
+    stream.close()  # the store is down right now: sent once it is back
+    with raw.open_input_stream(f"{b}/spilled.bin") as f:
+        assert f.read() == payload
+
+    small = _SpooledWrite(handler, f"{b}/small.bin", None)
+    small.write(b"abc")
+    small.close()
+    assert not small.spilled_to_disk
+    with raw.open_input_stream(f"{b}/small.bin") as f:
+        assert f.read() == b"abc"
+
+
+def test_a_writer_that_fails_half_way_sends_nothing(own_s3):
+    raw, state = own_s3
+    fs = retrying(raw, retry_seconds=30)
+    key = f"{state['bucket']}/shard.bin"
+    with fs.open_output_stream(key) as f:
+        f.write(b"version one")
+    with pytest.raises(RuntimeError, match="serialiser broke"):
+        with fs.open_output_stream(key) as f:
+            f.write(b"version two, first half")
+            raise RuntimeError("serialiser broke")
+    with pytest.raises(RuntimeError):
+        with fs.open_output_stream(f"{state['bucket']}/never.bin") as f:
+            f.write(b"half")
+            raise RuntimeError("again")
+    with fs.open_input_stream(key) as f:
+        assert f.read() == b"version one", "the earlier object is untouched"
+    assert fs.get_file_info(f"{state['bucket']}/never.bin").type == pafs.FileType.NotFound
+
+    try:  # a file written while an earlier exception is being handled is still sent
+        raise KeyError("handled")
+    except KeyError:
+        with fs.open_output_stream(f"{state['bucket']}/from-handler.bin") as f:
+            f.write(b"sent")
+    with fs.open_input_stream(f"{state['bucket']}/from-handler.bin") as f:
+        assert f.read() == b"sent"
