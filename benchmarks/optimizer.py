@@ -14,10 +14,15 @@
   shape leaves most of a wide CPU's throughput unused (call overhead, one small product at a time), so
   the ceiling is high where products are cheap (AMX bf16) and lower where they are not (a 2-core AVX2 CPU
   in fp32: about 4.4, a 184.5 GFLOP/s peak over the loop's 42, with the batched chain at about two
-  thirds of the peak, 126 GFLOP/s; --quick, one run). There the tiny speedup follows the host's load:
-  2.3-3.4x over twelve runs in one session, 3x or more only while other load slowed the batched chain
-  to 77-94 GFLOP/s (the per-matrix loop, bound by call overhead, slows less); on an AMX machine, 6-9.5x.
-
+  thirds of the peak, 126 GFLOP/s; --quick, one run). On an AMX machine the tiny speedup was 6-9.5x.
+- what the tiny speedup is made of, for reading it on another machine: the speedup on one thread (the
+  per-call overhead the batched chain saves: 1.7-1.85x on that 2-core CPU) and one thread's matmul rate
+  on each CPU, pinned in turn, before and after the stacks. torch splits a batched product statically
+  across its threads, so the batched chain runs at the pace of the slowest CPU, while the loop, which a
+  second thread barely speeds up, runs at about one CPU's pace: the speedup is modelled as the one-thread
+  speedup x threads x slowest / fastest CPU. On a shared cloud host one vCPU can run at 55-60% of the
+  other while its hyperthread sibling is busy elsewhere; the tiny speedup then fell to 2.1-2.4x, against
+  2.8-3.2x with both CPUs at full speed (session 6 notes; 2.3-3.4x over twelve runs in session 5).
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
 
 Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, A A 2 m^3, B X 2 m^2 n.
@@ -25,6 +30,8 @@ Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -153,6 +160,17 @@ def measure_preset(name: str, repeats: int, rate_repeats: int, ns_dtype: str = "
     }
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def batched_vs_loop(num: int, m: int, n: int, repeats: int, dtype: torch.dtype) -> dict:
     """One batched chain against a per-matrix loop, calls alternating; each keeps its fastest call, so
     drifting load from elsewhere on the machine reaches both sides alike."""
@@ -166,6 +184,28 @@ def batched_vs_loop(num: int, m: int, n: int, repeats: int, dtype: torch.dtype) 
     flops = num * optim.newton_schulz_flops(m, n)
     return {**best, "speedup": best["loop_s"] / best["batched_s"],
             "batched_gflops": flops / best["batched_s"] / 1e9, "loop_gflops": flops / best["loop_s"] / 1e9}
+
+
+def per_cpu_gflops(dtype: torch.dtype, rounds: int, size: int = 256) -> dict[int, float]:
+    """One thread's matmul rate on each CPU this process may use, the calling thread pinned to each in
+    turn (rounds alternate over the CPUs; fastest kept). On a shared cloud host a vCPU whose hyperthread
+    sibling is busy runs far slower than the other, and a batched chain, which torch splits statically
+    across its threads, then runs at the pace of the slowest one. Empty where pinning is unavailable."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    A = torch.randn(size, size).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    best = {cpu: float("inf") for cpu in cpus}
+    with torch_threads(1):
+        try:
+            for _ in range(rounds):
+                for cpu in cpus:
+                    os.sched_setaffinity(0, {cpu})
+                    best[cpu] = min(best[cpu], time_it(lambda: torch.mm(A, A, out=out), 5, stat=min))
+        finally:
+            os.sched_setaffinity(0, cpus)
+    return {cpu: 2 * size**3 / t / 1e9 for cpu, t in best.items()}
 
 
 def peak_gflops(dtype: torch.dtype, repeats: int, size: int = 1024) -> float:
@@ -184,10 +224,15 @@ def main(argv=None) -> None:
     rate_repeats = 5 if args.quick else 10
     per_preset = {name: measure_preset(name, repeats, rate_repeats, args.ns_dtype) for name in ("tiny", "small")}
     ns_dtype = optim.NS_DTYPES[optim.resolve_ns_dtype(args.ns_dtype, "cpu")]
+    threads = torch.get_num_threads()
+    cpu_rates = per_cpu_gflops(ns_dtype, 3 if args.quick else 6)
     batched = {
         "tiny_16x[64,128]": batched_vs_loop(16, 64, 128, 20 if args.quick else 50, ns_dtype),
         "small_32x[256,512]": batched_vs_loop(32, 256, 512, 3 if args.quick else 6, ns_dtype),
     }
+    with torch_threads(1):
+        tiny_one_thread = batched_vs_loop(16, 64, 128, 20 if args.quick else 50, ns_dtype)
+    cpu_rates_after = per_cpu_gflops(ns_dtype, 3 if args.quick else 6)
 
     rows = [{"preset": name, "NS dtype": r["ns_dtype"], "step s": r["step_seconds"],
              "muonclip s": r["muonclip_step_seconds"],
@@ -205,6 +250,22 @@ def main(argv=None) -> None:
     print(f"{ns_dtype} matmul peak (1024^2, 2 threads): {peak:.1f} GFLOP/s")
     print(table(brows, ["stack", "batched_s", "loop_s", "speedup", "batched_gflops", "loop_gflops",
                         "speedup_ceiling"]))
+    # What the tiny speedup can be on this host: the per-call overhead a batched chain saves (its speedup
+    # on one thread) times the threads it can add, at the pace of the slowest CPU against the fastest
+    # (the loop gains little from a second thread, so it runs at about one CPU's pace).
+    spread = min(cpu_rates.values()) / max(cpu_rates.values()) if cpu_rates else 1.0
+    spread_after = min(cpu_rates_after.values()) / max(cpu_rates_after.values()) if cpu_rates_after else 1.0
+    tiny = batched["tiny_16x[64,128]"]
+    tiny.update({
+        "speedup_one_thread": tiny_one_thread["speedup"], "one_thread": tiny_one_thread,
+        "speedup_modelled_from_cpus": tiny_one_thread["speedup"] * threads * min(spread, spread_after),
+    })
+    print(f"per-CPU 1-thread {ns_dtype} matmul GFLOP/s (256^2), before / after the stacks: "
+          + ", ".join(f"cpu{c} {cpu_rates[c]:.1f} / {cpu_rates_after.get(c, float('nan')):.1f}"
+                      for c in cpu_rates))
+    print(f"tiny speedup on 1 thread {tiny['speedup_one_thread']:.2f}; x {threads} threads x slowest/fastest "
+          f"CPU {min(spread, spread_after):.2f} = {tiny['speedup_modelled_from_cpus']:.2f} modelled, "
+          f"{tiny['speedup']:.2f} measured")
 
     targets = {
         "ns_share_within_1.5x_of_priced": {
@@ -221,6 +282,8 @@ def main(argv=None) -> None:
         "ns_share_predicted": {n: r["ns_share_predicted"] for n, r in per_preset.items()},
         "batched_speedup": {k: v["speedup"] for k, v in batched.items()},
         "ns_dtype_peak_gflops": peak,
+        "threads": threads,
+        "per_cpu_gflops": {"before_stacks": cpu_rates, "after_stacks": cpu_rates_after},
         "presets": per_preset,
         "batched_vs_loop": batched,
         "targets": targets,
