@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     cpu_rates = per_cpu_gflops(ns_dtype, 3 if args.quick else 6)
     batched = {
         "tiny_16x[64,128]": batched_vs_loop(16, 64, 128, 20 if args.quick else 50, ns_dtype),
-        "small_32x[256,512]": batched_vs_loop(32, 256, 512, 3 if args.quick else 6, ns_dtype),
+        "small_32x[256,512]": batched_vs_loop(32, 256, 512, 5 if args.quick else 10, ns_dtype),
     }
     with torch_threads(1):
         tiny_one_thread = batched_vs_loop(16, 64, 128, 20 if args.quick else 50, ns_dtype)
