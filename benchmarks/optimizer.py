@@ -80,18 +80,29 @@ def ns_stacks(opt: optim.MuonClip) -> dict[tuple[int, int], int]:
     return stacks
 
 
-def priced_ns_seconds(m: int, n: int, k: int, steps: int, dtype: torch.dtype, repeats: int
-                      ) -> tuple[float, float]:
-    """(seconds, GFLOP/s) of ``steps`` Newton-Schulz iterations on k stacked [m, n] matrices predicted
-    from plain bmm timings (into preallocated outputs) of the iteration's three products at these
-    shapes; the normalisation and the scaled additions are not priced."""
+def iteration_bmm_seconds(k: int, m: int, n: int, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds of one Newton-Schulz iteration's three products (X X^T, A A, B X) on k stacked [m, n]
+    matrices as plain bmm calls into preallocated outputs, each the fastest of ``repeats``."""
     X = torch.randn(k, m, n).to(dtype) * 0.05
     A = torch.randn(k, m, m).to(dtype) * 0.05
     out_mm, out_mn = torch.empty(k, m, m, dtype=dtype), torch.empty(k, m, n, dtype=dtype)
-    t_gram = time_it(lambda: torch.bmm(X, X.mT, out=out_mm), repeats, stat=min)
-    t_square = time_it(lambda: torch.bmm(A, A, out=out_mm), repeats, stat=min)
-    t_apply = time_it(lambda: torch.bmm(A, X, out=out_mn), repeats, stat=min)
-    seconds = steps * (t_gram + t_square + t_apply)
+    return (time_it(lambda: torch.bmm(X, X.mT, out=out_mm), repeats, stat=min)
+            + time_it(lambda: torch.bmm(A, A, out=out_mm), repeats, stat=min)
+            + time_it(lambda: torch.bmm(A, X, out=out_mn), repeats, stat=min))
+
+
+def priced_ns_seconds(m: int, n: int, k: int, steps: int, dtype: torch.dtype, repeats: int
+                      ) -> tuple[float, float]:
+    """(seconds, GFLOP/s) of ``steps`` Newton-Schulz iterations on k stacked [m, n] matrices predicted
+    from bmm timings of the iteration's products at these shapes, on sub-stacks of the size
+    ``newton_schulz`` iterates on this CPU (``optim.ns_sub_stack_size``); the normalisation and the scaled
+    additions are not priced."""
+    per_chunk = optim.ns_sub_stack_size(k, m, n, dtype, optim.ns_chunk_bytes("cpu"))
+    counts = {per_chunk: k // per_chunk}
+    if k % per_chunk:
+        counts[k % per_chunk] = 1
+    seconds = sum(count * steps * iteration_bmm_seconds(size, m, n, dtype, repeats)
+                  for size, count in counts.items())
     return seconds, k * optim.newton_schulz_flops(m, n, steps) / seconds / 1e9
 
 

@@ -352,3 +352,16 @@ def test_load_state_dict_rejects_a_different_model():
     opt3 = build_optimizer(tiny_model(), OptimizerConfig(), lr=1e-3)
     opt3.load_state_dict(merged)
     assert opt3.momentum_numel() == opt.momentum_numel()
+
+
+def test_newton_schulz_sub_stack_size_by_device():
+    """On CPU a stack runs in about 1 MiB sub-stacks (two fp32 [256, 512] matrices), elsewhere in 8 MiB;
+    a sub-stack always holds at least one matrix and never more than the stack."""
+    from k2model.optim import ns_chunk_bytes, ns_sub_stack_size
+
+    assert ns_chunk_bytes("cpu") == 1 << 20 and ns_chunk_bytes(torch.device("cuda", 0)) == 8 << 20
+    assert ns_sub_stack_size(693, 256, 512, torch.float32, ns_chunk_bytes("cpu")) == 2
+    assert ns_sub_stack_size(693, 256, 512, torch.bfloat16, ns_chunk_bytes("cpu")) == 4
+    assert ns_sub_stack_size(157, 64, 128, torch.float32, ns_chunk_bytes("cpu")) == 32
+    assert ns_sub_stack_size(3, 64, 128, torch.float32, 1 << 40) == 3
+    assert ns_sub_stack_size(3, 2048, 7168, torch.bfloat16, ns_chunk_bytes("cpu")) == 1
