@@ -16,13 +16,15 @@
   in fp32: about 4.4, a 184.5 GFLOP/s peak over the loop's 42, with the batched chain at about two
   thirds of the peak, 126 GFLOP/s; --quick, one run). On an AMX machine the tiny speedup was 6-9.5x.
 - what the tiny speedup is made of, for reading it on another machine: the speedup on one thread (the
-  per-call overhead the batched chain saves: 1.7-1.85x on that 2-core CPU) and one thread's matmul rate
+  per-call overhead the batched chain saves: 1.7-1.9x on that 2-core CPU) and one thread's matmul rate
   on each CPU, pinned in turn, before and after the stacks. torch splits a batched product statically
-  across its threads, so the batched chain runs at the pace of the slowest CPU, while the loop, which a
-  second thread barely speeds up, runs at about one CPU's pace: the speedup is modelled as the one-thread
-  speedup x threads x slowest / fastest CPU. On a shared cloud host one vCPU can run at 55-60% of the
-  other while its hyperthread sibling is busy elsewhere; the tiny speedup then fell to 2.1-2.4x, against
-  2.8-3.2x with both CPUs at full speed (session 6 notes; 2.3-3.4x over twelve runs in session 5).
+  across its threads, so the batched chain runs at the pace of the slower CPU, while the loop, which a
+  second thread barely speeds up, runs at about one CPU's pace: a rough model of the speedup is the
+  one-thread speedup x threads x slowest / fastest CPU (3.5-3.7 with both CPUs at full speed). On a
+  shared cloud host the CPUs' speed moves from minute to minute (one vCPU ran at 57% of the other for
+  minutes at a time, a pinned busy loop on each), and so does the tiny speedup: 2.35-3.72x over five
+  full runs in session 6, the model within 25% of it; 2.3-3.4x over twelve runs in session 5.
+
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
 
 Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, A A 2 m^3, B X 2 m^2 n.

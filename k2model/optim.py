@@ -93,9 +93,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     A stack larger than ``chunk_bytes`` (its iterate in ``dtype``; default ``ns_chunk_bytes(G.device)``)
     runs as consecutive sub-stacks of that size through the same work buffers: each sub-stack is still one
     batched chain, but its iterates stay in cache between the products, and no per-call buffer as large as
-    the whole stack is touched. Each
-    matrix goes through the same arithmetic either way (bit-for-bit the same result on the CPUs this was
-    developed on; tests/k2model/test_optim.py).
+    the whole stack is touched. Each matrix goes through the same arithmetic either way (bit-for-bit the
+    same result on the CPUs this was developed on; tests/k2model/test_optim.py).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
