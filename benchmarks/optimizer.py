@@ -32,7 +32,6 @@ Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -43,6 +42,7 @@ import k2model.optim as optim
 from benchmarks.common import parse_args, table, time_it, write_json
 from k2model.config import OptimizerConfig, flops_per_token, preset_config
 from k2model.model import build_model
+from tests.k2model.dist_utils import torch_threads
 
 BATCH, SEQ = 8, 256
 
@@ -171,17 +171,6 @@ def measure_preset(name: str, repeats: int, rate_repeats: int, ns_dtype: str = "
         "ns_flop_ratio_rule_of_thumb": steps * cfg.hidden_size / (BATCH * SEQ),
         "matmul_rates": rates,
     }
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` for the block, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def batched_vs_loop(num: int, m: int, n: int, repeats: int, dtype: torch.dtype) -> dict:
