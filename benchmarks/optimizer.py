@@ -13,8 +13,9 @@
   its matmul rate on a large square product over the loop's rate. A per-matrix chain of tiny's expert
   shape leaves most of a wide CPU's throughput unused (call overhead, one small product at a time), so
   the ceiling is high where products are cheap (AMX bf16) and lower where they are not (a 2-core AVX2 CPU
-  in fp32: about 4.4, a 184.5 GFLOP/s peak over the loop's 42, with the batched chain at about two
-  thirds of the peak, 126 GFLOP/s; --quick, one run). On an AMX machine the tiny speedup was 6-9.5x.
+  in fp32: 4.3, a 181.9 GFLOP/s peak over the loop's 42.2, with the batched chain at about two thirds
+  of the peak, 124.9 GFLOP/s; one full run on a quiet host, session 6). On an AMX machine the tiny
+  speedup was 6-9.5x (sessions 1-2).
 - what the tiny speedup is made of, for reading it on another machine: the speedup on one thread (the
   per-call overhead the batched chain saves: 1.7-1.9x on that 2-core CPU) and one thread's matmul rate
   on each CPU, pinned in turn, before and after the stacks. torch splits a batched product statically
