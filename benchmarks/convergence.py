@@ -7,7 +7,7 @@
    between the budgets that bracket it (never read off the middle of a longer run).
 3. Validation-loss curves go to a PNG.
 
-The training loop is the trainer's own (``pipelines.train_loop.Trainer``) in one process, on shards the
+The training loop is the trainer's own (``pipelines.train.trainer.Trainer``) in one process, on shards the
 data stages build from the standard library.
 
     python -m benchmarks.convergence [--quick] --out bench-results/convergence.json
@@ -24,15 +24,15 @@ import torch
 
 from benchmarks.common import parse_args, table, write_json
 from pipelines.config import load_config
-from pipelines.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
-from pipelines.pretrain import as_manifest_dict, shard_refs
-from pipelines.train_loop import Trainer
+from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
+from pipelines.stages.pretrain import as_manifest_dict, shard_refs
+from pipelines.train.trainer import Trainer
 
 
 def build_data(root: str, quick: bool):
     import ray
 
-    from pipelines.data import run_data_stages
+    from pipelines.data.packed import run_data_stages
 
     cfg = load_config(None, [f"storage.root={root}", f"data.max_docs={600 if quick else 2500}",
                              "data.seq_len=128", "data.vocab_size=4096", "data.tokenizer_sample_bytes=4000000",

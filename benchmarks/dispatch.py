@@ -27,7 +27,7 @@ import torch.distributed as dist
 from k2model.config import preset_config
 from k2model.dispatch import AllToAllDispatcher, LocalDispatcher
 from k2model.moe import MoE
-from tests.k2model.dist_utils import run_workers
+from k2model.testing import run_workers
 
 WORLD = 2
 PRESETS = ("tiny", "small")

@@ -43,7 +43,7 @@ import k2model.optim as optim
 from benchmarks.common import parse_args, table, time_it, write_json
 from k2model.config import OptimizerConfig, flops_per_token, preset_config
 from k2model.model import build_model
-from tests.k2model.dist_utils import torch_threads
+from k2model.testing import torch_threads
 
 BATCH, SEQ = 8, 256
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from pipelines.tokenizer import one_thread_per_process
+from pipelines.stages.tokenizer import one_thread_per_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,9 +107,9 @@ def single_process(ingest_uri: str, tokenizer_uri: str, repeat: int = 1) -> dict
     import pyarrow.parquet as pq
 
     from pipelines import storage
-    from pipelines.ingest import IngestOutput
-    from pipelines.shard import ENCODE_BATCH_DOCS
-    from pipelines.tokenizer import load_tokenizer
+    from pipelines.stages.ingest import IngestOutput
+    from pipelines.stages.pack import ENCODE_BATCH_DOCS
+    from pipelines.stages.tokenizer import load_tokenizer
 
     ingest = IngestOutput.from_dict(storage.read_complete(ingest_uri), ingest_uri)
     tokenizer = load_tokenizer(tokenizer_uri)
@@ -135,7 +135,7 @@ def run_single_process(ingest_uri: str, tokenizer_uri: str, repeat: int = 1) -> 
 
 
 def run_stage(data, ingest, tokenizer, root: str) -> dict[str, float]:
-    from pipelines.shard import run_shard
+    from pipelines.stages.pack import run_shard
 
     with TreeMemory() as mem:
         t0 = time.perf_counter()
@@ -171,8 +171,8 @@ def measure(args: argparse.Namespace, work: str) -> None:
     import ray.data
 
     from pipelines.config import DataConfig
-    from pipelines.ingest import run_ingest
-    from pipelines.tokenizer import run_tokenizer
+    from pipelines.stages.ingest import run_ingest
+    from pipelines.stages.tokenizer import run_tokenizer
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

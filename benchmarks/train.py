@@ -5,7 +5,7 @@ snapshot; the upload runs in the background) against the step time. Each layout 
 several interleaved rounds. ``small`` runs an 8,192-token global batch (and, on 1 worker, also the
 2,048-token batch, ``small/w1-ep1-b8``); ``tiny`` 2,048 tokens (see ``main`` for why).
 
-The loop is the trainer's own (``pipelines.train_loop.Trainer``: MuonClip, gradient sync, QK-Clip,
+The loop is the trainer's own (``pipelines.train.trainer.Trainer``: MuonClip, gradient sync, QK-Clip,
 router-bias update) on synthetic token batches, in processes joined by gloo, without Ray's scheduling
 around it.
 
@@ -33,9 +33,9 @@ import torch.multiprocessing as mp
 
 from benchmarks.common import parse_args, table, write_json
 from k2model.optim import resolve_ns_dtype
-from pipelines.checkpointing import snapshot
 from pipelines.config import load_config
-from pipelines.train_loop import Trainer, measure_matmul_flops
+from pipelines.train.checkpointing import snapshot
+from pipelines.train.trainer import Trainer, measure_matmul_flops
 
 
 class SyntheticBatches:

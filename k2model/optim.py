@@ -43,7 +43,7 @@ Checkpoints: ``state_dict()`` is keyed by parameter NAME and holds this rank's s
 local Muon momenta plus all AdamW moments), so each rank saves its own shard; loading the shard into the
 same layout continues bit-for-bit. ``merge_state_dicts`` joins the shards of all ranks into one state that
 loads into any data-parallel size (expert stacks must keep their shapes); a state in the same merged form
-with only this rank's entries, expert stacks re-cut, loads into any layout (``pipelines.reshard`` builds it
+with only this rank's entries, expert stacks re-cut, loads into any layout (``pipelines.train.reshard`` builds it
 from a checkpoint's shards).
 
 Tensor name suffixes: K stacked matrices, M rows, N columns (of the wide orientation, M <= N).

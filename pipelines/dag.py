@@ -175,25 +175,25 @@ def _param_value(v: Any) -> str:
 
 # ---------------------------------------------------------------------- stage bodies
 def _stage_ingest(cfg: RunConfig, force: bool, _inputs: dict[str, Any]):
-    from pipelines.ingest import run_ingest
+    from pipelines.stages.ingest import run_ingest
 
     return run_ingest(cfg.data, cfg.storage.root, force=force)
 
 
 def _stage_tokenizer(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
-    from pipelines.tokenizer import run_tokenizer
+    from pipelines.stages.tokenizer import run_tokenizer
 
     return run_tokenizer(cfg.data, inputs["ingest"], cfg.storage.root, force=force)
 
 
 def _stage_shard(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
-    from pipelines.shard import run_shard
+    from pipelines.stages.pack import run_shard
 
     return run_shard(cfg.data, inputs["ingest"], inputs["tokenizer"], cfg.storage.root, force=force)
 
 
 def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], tracking_record=None):
-    from pipelines.pretrain import run_pretrain_stage
+    from pipelines.stages.pretrain import run_pretrain_stage
 
     shard = inputs["shard"]
     record = tracking_record or {}
@@ -203,7 +203,7 @@ def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], trackin
 
 
 def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
-    from pipelines.evaluate import run_evaluate
+    from pipelines.stages.evaluate import run_evaluate
 
     shard = inputs["shard"]
     pretrain = inputs["pretrain"]
@@ -212,7 +212,7 @@ def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
 
 
 def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
-    from pipelines.evaluate import run_export
+    from pipelines.stages.evaluate import run_export
 
     pretrain = inputs["pretrain"]
     return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].path, force=force,

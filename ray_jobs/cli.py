@@ -83,7 +83,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- data
 def cmd_data(args: argparse.Namespace) -> int:
-    from pipelines.data import run_data_stages
+    from pipelines.data.packed import run_data_stages
 
     cfg = _load_config(args)
     outputs = run_data_stages(cfg, force=args.force)

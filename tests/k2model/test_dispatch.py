@@ -21,7 +21,7 @@ import torch.distributed as dist
 from k2model.config import preset_config
 from k2model.dispatch import AllToAllDispatcher, LocalDispatcher
 from k2model.moe import MoE
-from tests.k2model.dist_utils import run_workers, torch_threads
+from k2model.testing import run_workers, torch_threads
 
 WORLD = 2
 CFG = preset_config("tiny").replace(seq_aux_loss_alpha=0.0)

@@ -25,7 +25,7 @@ from k2model.optim import (
     split_params,
 )
 from k2model.schedule import set_lr
-from tests.k2model.dist_utils import run_workers
+from k2model.testing import run_workers
 
 
 @pytest.fixture(autouse=True)

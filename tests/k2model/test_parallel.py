@@ -32,7 +32,7 @@ from k2model.parallel import (
     sum_expert_load,
     sync_gradients,
 )
-from tests.k2model.dist_utils import WorkerError, run_workers, torch_threads
+from k2model.testing import WorkerError, run_workers, torch_threads
 
 CFG = preset_config("tiny")
 SEED = 3

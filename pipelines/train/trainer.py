@@ -9,8 +9,8 @@ One step (every rank in lockstep):
   -> QK-Clip on the step's max logits (MAX over ranks), router-bias update from the load summed over ranks
   -> callbacks: metrics (rank 0 -> MLflow), validation, checkpoints, fault injection.
 
-The data order is a function of (seed, step) (pipelines.loader), so the checkpointed state is model,
-optimizer, step, bad-step streak and RNG states. Checkpoints (pipelines.checkpointing) are written per
+The data order is a function of (seed, step) (pipelines.data.loader), so the checkpointed state is model,
+optimizer, step, bad-step streak and RNG states. Checkpoints (pipelines.train.checkpointing) are written per
 rank in the background and registered with Ray Train only once every rank's shard has landed.
 """
 
@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 
 from k2model.config import flops_per_token
-from pipelines.checkpointing import say
 from pipelines.config import RunConfig, config_from_dict
+from pipelines.train.checkpointing import say
 
 # Keys of the config that change the math: a checkpoint written under other values is refused.
 MATH_SECTIONS = ("model", "optimizer")
 # The layout (train.num_workers, train.ep, train.micro_batch_size) is not here: it changes who computes
 # what and the order of float sums, not the math, so a checkpoint resumes in another layout, resharded
-# (pipelines.reshard).
+# (pipelines.train.reshard).
 MATH_KEYS = ("data.seq_len", "data.vocab_size", "train.global_batch_size", "train.seed", "train.lr",
              "train.schedule", "train.warmup_steps", "train.decay_fraction", "train.min_lr_ratio",
              "train.grad_clip", "train.steps", "train.shuffle_shards")
@@ -251,8 +251,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point that Ray Train runs in every worker."""
     import ray.train
 
-    from pipelines import checkpointing
-    from pipelines.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
+    from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
+    from pipelines.train import checkpointing
 
     cfg = config_from_dict(loop_config["config"])
     t = cfg.train

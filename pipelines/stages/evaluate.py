@@ -1,7 +1,7 @@
 """The evaluate and export stages, and loading a whole model from a sharded training checkpoint.
 
 - ``load_checkpoint_model``: rebuild the full single-process model from a checkpoint of any layout, read
-  as a one-worker resume would read it (``pipelines.reshard``), the optimizer state left unread.
+  as a one-worker resume would read it (``pipelines.train.reshard``), the optimizer state left unread.
 - ``run_evaluate``: validation loss and perplexity over the held-out split -> ``report.json``.
 - ``run_export``: the final weights as safetensors in the released per-expert layout, with the Hugging
   Face ``config.json`` and the tokenizer.
@@ -21,13 +21,13 @@ import torch
 
 from k2model.model import build_model, to_hf_state_dict
 from pipelines import storage
-from pipelines.checkpointing import META_NAME, ReshardSpec, read_resharded
 from pipelines.config import RunConfig
+from pipelines.train.checkpointing import META_NAME, ReshardSpec, read_resharded
 
 
 def load_checkpoint_model(checkpoint_uri: str, cfg: RunConfig) -> torch.nn.Module:
     """The whole model (one process, every expert) from a checkpoint of any layout: of the shards, only
-    the model's bytes are read (``pipelines.reshard``), not the optimizer state."""
+    the model's bytes are read (``pipelines.train.reshard``), not the optimizer state."""
     meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
     fs, path = storage.resolve(checkpoint_uri)
     state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: False))
@@ -51,8 +51,8 @@ class ExportOutputs:
 
 
 def _val_windows(shard_stage_uri: str, manifest: dict[str, Any], seq_len: int, max_windows: int):
-    from pipelines.loader import ShardRef, WindowReader
-    from pipelines.pretrain import shard_refs
+    from pipelines.data.loader import ShardRef, WindowReader
+    from pipelines.stages.pretrain import shard_refs
 
     refs = [ShardRef(**r) for r in shard_refs(shard_stage_uri, manifest, "val")]
     if not refs:
@@ -70,7 +70,7 @@ def _val_windows(shard_stage_uri: str, manifest: dict[str, Any], seq_len: int, m
 def run_evaluate(cfg: RunConfig, checkpoint_uri: str, shard_stage_uri: str, manifest: dict[str, Any],
                  force: bool = False, max_windows: int = 256, batch_size: int = 8,
                  checkpoint_version: Any = None) -> EvaluateOutputs:
-    from pipelines.pretrain import as_manifest_dict
+    from pipelines.stages.pretrain import as_manifest_dict
 
     manifest = as_manifest_dict(manifest)
     fp = storage.fingerprint({"checkpoint": checkpoint_uri, "version": checkpoint_version,

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipelines import shardfile
+from pipelines.train import checkpoint_file
 
 
 def _state():
@@ -48,25 +48,25 @@ def _assert_same(a, b, where="state"):
 
 def test_round_trip_is_exact_for_every_dtype_and_container():
     state = _state()
-    _assert_same(shardfile.decode(shardfile.encode(state)), state)
+    _assert_same(checkpoint_file.decode(checkpoint_file.encode(state)), state)
 
 
 def test_decoded_tensors_are_independent_of_the_source():
     state = {"w": torch.zeros(3)}
-    data = shardfile.encode(state)
+    data = checkpoint_file.encode(state)
     state["w"].add_(1)
-    out = shardfile.decode(data)
+    out = checkpoint_file.decode(data)
     assert torch.equal(out["w"], torch.zeros(3))
     out["w"].add_(2)  # writable, owns its memory
-    assert torch.equal(shardfile.decode(data)["w"], torch.zeros(3))
+    assert torch.equal(checkpoint_file.decode(data)["w"], torch.zeros(3))
 
 
 def test_ranged_reads_fetch_only_the_requested_bytes(tmp_path):
     state = _state()
     path = tmp_path / "rank-00000.shard"
-    path.write_bytes(shardfile.encode(state))
+    path.write_bytes(checkpoint_file.encode(state))
     fs = pafs.LocalFileSystem()
-    with shardfile.ShardReader(fs, str(path)) as reader:
+    with checkpoint_file.ShardReader(fs, str(path)) as reader:
         after_header = reader.bytes_read
         key = "model/layers.1.mlp.experts.gate_proj"
         rows = reader.tensor(key, range(1, 3))
@@ -77,7 +77,7 @@ def test_ranged_reads_fetch_only_the_requested_bytes(tmp_path):
         assert reader.tensor("model/empty").shape == (0, 7)
         skeleton = reader.skeleton()
         assert skeleton["step"] == 7
-        assert skeleton["model"]["embed.weight"] == shardfile.TensorRef("model/embed.weight")
+        assert skeleton["model"]["embed.weight"] == checkpoint_file.TensorRef("model/embed.weight")
         assert skeleton["optimizer"]["state"]["w"]["step"] == 3
         with pytest.raises(ValueError, match="rows range\\(3, 5\\) outside"):
             reader.tensor(key, range(3, 5))
@@ -88,20 +88,20 @@ def test_not_a_shard_and_truncated_shard_are_clear_errors(tmp_path):
     old = tmp_path / "rank-00000.pt"
     torch.save({"w": torch.zeros(2)}, old)
     with pytest.raises(ValueError, match="rank-00000.pt is not a k2pipe checkpoint shard"):
-        shardfile.ShardReader(fs, str(old))
+        checkpoint_file.ShardReader(fs, str(old))
     with pytest.raises(ValueError, match="not a k2pipe checkpoint shard"):
-        shardfile.decode(old.read_bytes(), str(old))
+        checkpoint_file.decode(old.read_bytes(), str(old))
     cut = tmp_path / "rank-00001.shard"
-    data = shardfile.encode({"w": torch.zeros(1000)})
+    data = checkpoint_file.encode({"w": torch.zeros(1000)})
     cut.write_bytes(data[:len(data) - 2000])
-    with shardfile.ShardReader(fs, str(cut)) as reader:
+    with checkpoint_file.ShardReader(fs, str(cut)) as reader:
         with pytest.raises(OSError, match="rank-00001.shard: short read"):
             reader.tensor("w")
 
 
 def test_a_key_holding_the_path_separator_is_refused():
     with pytest.raises(ValueError, match="'a/b'"):
-        shardfile.encode({"model": {"a/b": torch.zeros(1)}})
+        checkpoint_file.encode({"model": {"a/b": torch.zeros(1)}})
 
 
 def test_ranged_reads_through_the_s3_server(s3_bucket):
@@ -112,11 +112,11 @@ def test_ranged_reads_through_the_s3_server(s3_bucket):
 
     state = _state()
     uri = f"s3://{s3_bucket}/ckpt/rank-00000.shard"
-    storage.write_bytes(uri, shardfile.encode(state))
+    storage.write_bytes(uri, checkpoint_file.encode(state))
     fs, path = storage.resolve(uri)
-    with shardfile.ShardReader(retrying(fs), path) as reader:
+    with checkpoint_file.ShardReader(retrying(fs), path) as reader:
         key = "model/layers.1.mlp.experts.gate_proj"
         assert torch.equal(reader.tensor(key, range(2, 4)), state["model"]["layers.1.mlp.experts.gate_proj"][2:4])
         assert reader.tensor_bytes_read == 2 * 6 * 3 * 2
         assert reader.skeleton()["step"] == 7
-    _assert_same(shardfile.decode(storage.read_bytes(uri)), state)
+    _assert_same(checkpoint_file.decode(storage.read_bytes(uri)), state)

@@ -17,7 +17,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import RunConfig
 from pipelines.retrying_fs import retrying
-from pipelines.train_loop import math_signature
+from pipelines.train.trainer import math_signature
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class PretrainOutputs:
 
 
 def as_manifest_dict(manifest: Any) -> dict[str, Any]:
-    """The shard stage's manifest (``pipelines.shard.ShardManifest`` or its JSON form) as a plain dict."""
+    """The shard stage's manifest (``pipelines.stages.pack.ShardManifest`` or its JSON form) as a plain dict."""
     return dataclasses.asdict(manifest) if dataclasses.is_dataclass(manifest) else dict(manifest)
 
 
@@ -129,7 +129,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
 
 
 def _entry(loop_config: dict[str, Any]) -> None:
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train.trainer import train_loop_per_worker
 
     train_loop_per_worker(loop_config)
 

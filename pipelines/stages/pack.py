@@ -1,5 +1,5 @@
 """Tokenize, pack and shard: the train and validation documents become fixed-length token windows in
-parquet shards, the only contract between data and training (format in ``pipelines/data.py``).
+parquet shards, the only contract between data and training (format in ``pipelines/data/packed.py``).
 
 How it runs, streaming and deterministic:
 
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import DataConfig
-from pipelines.ingest import (
+from pipelines.stages.ingest import (
     SPLITS,
     IngestOutput,
     ensure_ray,
@@ -42,8 +42,8 @@ from pipelines.ingest import (
     ordered_execution,
     stage_cli,
 )
+from pipelines.stages.tokenizer import TokenizerOutput, one_thread_per_process
 from pipelines.storage import DataError
-from pipelines.tokenizer import TokenizerOutput, one_thread_per_process
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class TokenizeUnits:
 
     def __init__(self, tokenizer_json: str, tokenizer_sha256: str, fs: Any):
         one_thread_per_process()
-        from pipelines.tokenizer import TextTokenizer
+        from pipelines.stages.tokenizer import TextTokenizer
 
         self.tokenizer = TextTokenizer(tokenizer_json, tokenizer_sha256)
         self.fs = fs
@@ -328,10 +328,10 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
 
 @exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.ingest import run_ingest
-    from pipelines.tokenizer import run_tokenizer
+    from pipelines.stages.ingest import run_ingest
+    from pipelines.stages.tokenizer import run_tokenizer
 
-    cfg, force = stage_cli("Tokenize, pack and shard (pipelines/shard.py)", argv)
+    cfg, force = stage_cli("Tokenize, pack and shard (pipelines/stages/pack.py)", argv)
     ingest = run_ingest(cfg.data, cfg.storage.root)
     tokenizer = run_tokenizer(cfg.data, ingest, cfg.storage.root)
     manifest = run_shard(cfg.data, ingest, tokenizer, cfg.storage.root, force=force)

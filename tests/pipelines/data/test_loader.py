@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
+from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
 
 SEQ = 16
 

@@ -3,7 +3,7 @@
 Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
 
     checkpoint-step00000050/
-        rank-00000.shard  rank-00001.shard ...  one shard per rank (``pipelines.shardfile``): its parameters
+        rank-00000.shard  rank-00001.shard ...  one shard per rank (``pipelines.train.checkpoint_file``): its parameters
                                                 (local experts included), its optimizer state, step, RNG
         meta.json                               written by rank 0: step, world size, ep, math signature
 
@@ -19,7 +19,7 @@ How a save works, and why a crash never leaves a trusted partial checkpoint:
 Ray Train resumes only from registered checkpoints, so a folder whose upload was cut short by a crash
 is never trusted. In the layout that wrote it, each rank reads back only ``meta.json`` and its own shard.
 In another layout (other worker count or ep), each rank reads every shard's index and, of the tensors,
-exactly the bytes it keeps (``pipelines.reshard``).
+exactly the bytes it keeps (``pipelines.train.reshard``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
-from pipelines import shardfile
+from pipelines.train import checkpoint_file
 
 SHARD_NAME = "rank-{rank:05d}.shard"
 META_NAME = "meta.json"
@@ -125,7 +125,7 @@ class CheckpointWriter:
 
     def _upload(self, folder: str, snap: dict[str, Any], meta: dict[str, Any]) -> None:
         _write_with_retry(self.fs, f"{folder}/{SHARD_NAME.format(rank=self.rank)}",
-                          lambda stream: shardfile.write(stream, snap), self.attempts, self.backoff_s)
+                          lambda stream: checkpoint_file.write(stream, snap), self.attempts, self.backoff_s)
         if self.rank == 0:
             _write_with_retry(self.fs, f"{folder}/{META_NAME}", json.dumps(meta, default=str).encode(),
                               self.attempts, self.backoff_s)
@@ -226,7 +226,7 @@ def _check_shards_present(fs: pafs.FileSystem, folder: str, world_size: int) -> 
 def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int,
                     reshard: ReshardSpec | None = None) -> dict[str, Any]:
     """This rank's state from ``checkpoint``. In the layout that wrote it: ``meta.json`` and this rank's
-    shard only. In another layout (``world_size`` or ``ep`` differ): resharded (``pipelines.reshard``),
+    shard only. In another layout (``world_size`` or ``ep`` differ): resharded (``pipelines.train.reshard``),
     which needs ``reshard``; without it the layout change is an error."""
     meta = read_meta(checkpoint)
     check_compatible(meta, signature, checkpoint.path)
@@ -235,7 +235,7 @@ def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size
         _check_shards_present(fs, checkpoint.path, meta["world_size"])
         path = f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}"
         with fs.open_input_stream(path) as f:
-            return shardfile.decode(f.read(), path)
+            return checkpoint_file.decode(f.read(), path)
     if reshard is None:
         raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with "
                          f"ep={meta['ep']}; this run has {world_size} workers with ep={ep}, and this loader "
@@ -248,10 +248,10 @@ def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank:
     """The state of ``rank`` in the layout (``world_size``, ``ep``) from the checkpoint in ``folder``,
     written in the layout ``meta`` names, with ``resharded_from`` added: the old layout and the bytes read
     from each old shard."""
-    from pipelines.reshard import load_resharded
+    from pipelines.train.reshard import load_resharded
 
     _check_shards_present(fs, folder, meta["world_size"])
-    readers = [shardfile.ShardReader(fs, f"{folder}/{SHARD_NAME.format(rank=k)}")
+    readers = [checkpoint_file.ShardReader(fs, f"{folder}/{SHARD_NAME.format(rank=k)}")
                for k in range(meta["world_size"])]
     try:
         state = load_resharded(readers, meta["ep"], rank, world_size, ep, reshard.num_experts,

@@ -10,9 +10,10 @@ import pytest
 import ray
 import torch
 
-from pipelines import checkpointing, shardfile, storage
+from pipelines import storage
 from pipelines.config import load_config
-from pipelines.pretrain import run_pretrain, validate_against_data
+from pipelines.stages.pretrain import run_pretrain, validate_against_data
+from pipelines.train import checkpoint_file, checkpointing
 
 SEQ = 32
 VOCAB = 256
@@ -44,8 +45,8 @@ def make_config(store: str, *extra: str, workers: int = 1, ep: int = 1, name: st
 
 
 def final_shards(checkpoint_uri: str, world: int) -> list[dict]:
-    return [shardfile.decode(storage.read_bytes(storage.join(checkpoint_uri, checkpointing.SHARD_NAME.format(rank=r))))
-            for r in range(world)]
+    names = [checkpointing.SHARD_NAME.format(rank=r) for r in range(world)]
+    return [checkpoint_file.decode(storage.read_bytes(storage.join(checkpoint_uri, name))) for name in names]
 
 
 def assert_same_training_state(a: list[dict], b: list[dict]) -> None:
@@ -247,7 +248,7 @@ def test_rank_reads_only_meta_and_its_own_shard(reference_ep2):
         filesystem = RecordingFS()
 
     Ckpt.path = path
-    from pipelines.train_loop import math_signature
+    from pipelines.train.trainer import math_signature
 
     cfg = make_config("/unused", workers=2, ep=2)
     state = checkpointing.load_rank_state(Ckpt(), 1, math_signature(cfg), 2, 2)

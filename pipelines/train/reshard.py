@@ -5,7 +5,7 @@ The layout does not change the math: the global batch, its sample order and ever
 changes is which rank holds what, and the order of floating-point sums. So a resharded resume continues
 the same run, equal to an uninterrupted one to float rounding (not bit for bit; a resume in the same
 layout is bit-exact). What a rank of the new layout needs, and where it finds it in the old shards
-(``pipelines.shardfile``, each with an index, read by byte range):
+(``pipelines.train.checkpoint_file``, each with an index, read by byte range):
 
 - replicated parameters and buffers, and the AdamW state of replicated parameters: the same on every
   old rank; read from old rank ``new_rank % old_world_size`` so the reads spread over the shards;
@@ -28,7 +28,7 @@ import torch
 
 from k2model.model import is_stacked_expert
 from k2model.parallel import ParallelLayout
-from pipelines.shardfile import ShardReader, TensorRef, fill
+from pipelines.train.checkpoint_file import ShardReader, TensorRef, fill
 
 MODEL = "model/"
 OPT_STATE = "optimizer/state/"

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from k2model.model import is_stacked_expert
-from pipelines import checkpointing, shardfile
+from k2model.testing import run_workers
 from pipelines.config import load_config
-from pipelines.train_loop import Trainer, math_signature
-from tests.k2model.dist_utils import run_workers
+from pipelines.train import checkpoint_file, checkpointing
+from pipelines.train.trainer import Trainer, math_signature
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 6
 
@@ -58,7 +58,7 @@ def _trainer(rank: int, world: int, ep: int) -> Trainer:
 def _save(trainer: Trainer, folder: str, rank: int, world: int, ep: int) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, checkpointing.SHARD_NAME.format(rank=rank)), "wb") as f:
-        f.write(shardfile.encode(checkpointing.snapshot(trainer.state_dict())))
+        f.write(checkpoint_file.encode(checkpointing.snapshot(trainer.state_dict())))
     if rank == 0:
         meta = {"step": trainer.step, "world_size": world, "ep": ep, "signature": math_signature(trainer.cfg)}
         with open(os.path.join(folder, checkpointing.META_NAME), "w") as f:

@@ -1,7 +1,7 @@
 """One rank's checkpoint shard as a single file that can also be read in part.
 
 A resume in the same layout reads a shard whole. A resume into another layout (other worker count or
-expert-parallel degree; ``pipelines.reshard``) needs pieces of several shards: some tensors, and of an
+expert-parallel degree; ``pipelines.train.reshard``) needs pieces of several shards: some tensors, and of an
 expert stack only the rows of the experts the new rank holds. So a shard keeps an index up front and
 each tensor as raw contiguous bytes, and a reader fetches only the byte ranges it asks for (ranged reads
 through ``pyarrow``'s random-access files: local files or S3).

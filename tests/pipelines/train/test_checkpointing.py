@@ -7,7 +7,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipelines import checkpointing
+from pipelines.train import checkpointing
 
 
 class FlakyFS:

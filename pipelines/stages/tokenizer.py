@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import DataConfig
-from pipelines.ingest import IngestOutput, exit_on_data_error, stage_cli
+from pipelines.stages.ingest import IngestOutput, exit_on_data_error, stage_cli
 from pipelines.storage import DataError
 
 TOKENIZER_VERSION = 1
@@ -247,9 +247,9 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
 
 @exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.ingest import run_ingest
+    from pipelines.stages.ingest import run_ingest
 
-    cfg, force = stage_cli("Train or adopt the tokenizer (pipelines/tokenizer.py)", argv)
+    cfg, force = stage_cli("Train or adopt the tokenizer (pipelines/stages/tokenizer.py)", argv)
     ingest = None if cfg.data.tokenizer else run_ingest(cfg.data, cfg.storage.root)
     out = run_tokenizer(cfg.data, ingest, cfg.storage.root, force=force)
     print(json.dumps({"uri": out.uri, "reused": out.reused, **out.to_dict()}, indent=2))

@@ -47,15 +47,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import ingest as ingest_stage
-from pipelines import shard as shard_stage
 from pipelines import storage
-from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import DataConfig, RunConfig
-from pipelines.ingest import IngestOutput, exit_on_data_error, run_ingest
-from pipelines.shard import ShardManifest, read_manifest, run_shard
+from pipelines.stages import ingest as ingest_stage
+from pipelines.stages import pack as shard_stage
+from pipelines.stages import tokenizer as tokenizer_stage
+from pipelines.stages.ingest import IngestOutput, exit_on_data_error, run_ingest
+from pipelines.stages.pack import ShardManifest, read_manifest, run_shard
+from pipelines.stages.tokenizer import TokenizerOutput, load_tokenizer, run_tokenizer
 from pipelines.storage import DataError
-from pipelines.tokenizer import TokenizerOutput, load_tokenizer, run_tokenizer
 
 __all__ = ["DataError", "DataOutputs", "ShardManifest", "check_data_config", "format_summary", "iter_windows",
            "load_tokenizer", "read_manifest", "read_windows", "run_data_stages"]
@@ -213,7 +213,7 @@ def read_windows(manifest: ShardManifest, split: str, start: int = 0, stop: int 
 
 @exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, force = ingest_stage.stage_cli("Run the data stages: ingest, tokenizer, shard (pipelines/data.py)",
+    cfg, force = ingest_stage.stage_cli("Run the data stages: ingest, tokenizer, shard (pipelines/data/packed.py)",
                                         argv)
     outputs = run_data_stages(cfg, force=force)
     print(json.dumps(outputs.summary(), indent=2))

@@ -784,7 +784,7 @@ def _stream(data: DataConfig, listed: list[_InputFile], consumer: _Consumer) -> 
 
 @exit_on_data_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, force = stage_cli("Ingest the corpus (pipelines/ingest.py)", argv)
+    cfg, force = stage_cli("Ingest the corpus (pipelines/stages/ingest.py)", argv)
     out = run_ingest(cfg.data, cfg.storage.root, force=force)
     print(json.dumps({"uri": out.uri, "reused": out.reused, **dataclasses.asdict(out.stats)}, indent=2))
 

@@ -21,11 +21,9 @@ import ray
 import ray.data
 import zstandard
 
-from pipelines import ingest as ingest_stage
-from pipelines import shard as shard_stage
 from pipelines import storage
 from pipelines.config import load_config
-from pipelines.data import (
+from pipelines.data.packed import (
     check_data_config,
     format_summary,
     iter_windows,
@@ -33,9 +31,11 @@ from pipelines.data import (
     read_windows,
     run_data_stages,
 )
-from pipelines.ingest import run_ingest
+from pipelines.stages import ingest as ingest_stage
+from pipelines.stages import pack as shard_stage
+from pipelines.stages.ingest import run_ingest
+from pipelines.stages.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, run_tokenizer, train_bpe
 from pipelines.storage import DataError
-from pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, run_tokenizer, train_bpe
 
 VOCAB = 300
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud light "
