@@ -26,8 +26,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check k2model pipelines ray_jobs tests benchmarks
 
+# The suite, then the tests whose numbers depend on what optimizer.ns_dtype=auto resolves to, again as
+# the other CPU kind (AMX/AVX512-BF16 machines resolve it to bf16, AVX2-only ones to fp32).
+OTHER_CPU_KIND = $(BIN)/python -c "from k2model.optim import native_bf16_matmul; print('avx2' if native_bf16_matmul('cpu') else 'amx')"
+
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -m auto_dtype --cpu-kind=$$($(OTHER_CPU_KIND)) tests
 
 clean:
 	rm -rf $(VENV) k2runs mlruns mlflow.db

@@ -62,10 +62,10 @@ def train_once(shard_uri: str, manifest: dict, optimizer: str, lr: float, steps:
                       eval_batches(WindowReader(val, 128), 16, 16, 1, 0))
     curve = []
     marks = set(np.linspace(0, steps, eval_points + 1).astype(int).tolist()[1:])
-    while trainer.step < steps:
-        trainer.train_step()
-        if trainer.step in marks:
-            curve.append((trainer.step, trainer.evaluate()))
+    while trainer.global_step < steps:
+        trainer.step()
+        if trainer.global_step in marks:
+            curve.append((trainer.global_step, trainer.evaluate()))
     return curve
 
 

@@ -10,23 +10,34 @@
   (shared/REFERENCE.md section 3);
 - batched Newton-Schulz of an expert stack against a per-matrix loop (tiny: 16 x [64, 128]; small:
   32 x [256, 512]), with both chains' GFLOP/s and the ceiling on the speedup that this machine allows:
-  its matmul rate on a large square product over the loop's rate. A per-matrix chain of tiny's expert
-  shape leaves most of a wide CPU's throughput unused (call overhead, one small product at a time), so
-  the ceiling is high where products are cheap (AMX bf16) and lower where they are not (a 2-core AVX2 CPU
-  in fp32: 4.3, a 181.9 GFLOP/s peak over the loop's 42.2, with the batched chain at about two thirds
-  of the peak, 124.9 GFLOP/s; one full run on a quiet host, session 6). On an AMX machine the tiny
-  speedup was 6-9.5x (sessions 1-2).
+  its matmul rate on a large square product (1024 x 1024) over the loop's rate. A per-matrix chain of
+  tiny's expert shape leaves most of a wide CPU's throughput unused (call overhead, one small product at
+  a time), so the ceiling is high where products are cheap (bf16 on AMX) and lower where they are not
+  (fp32 on a small AVX2-only CPU);
 - what the tiny speedup is made of, for reading it on another machine: the speedup on one thread (the
-  per-call overhead the batched chain saves: 1.7-1.9x on that 2-core CPU) and one thread's matmul rate
-  on each CPU, pinned in turn, before and after the stacks. torch splits a batched product statically
-  across its threads, so the batched chain runs at the pace of the slower CPU, while the loop, which a
-  second thread barely speeds up, runs at about one CPU's pace: a rough model of the speedup is the
-  one-thread speedup x threads x slowest / fastest CPU (3.5-3.7 with both CPUs at full speed). On a
-  shared cloud host the CPUs' speed moves from minute to minute (one vCPU ran at 57% of the other for
-  minutes at a time, a pinned busy loop on each), and so does the tiny speedup: 2.35-3.72x over five
-  full runs in session 6, the model within 25% of it; 2.3-3.4x over twelve runs in session 5.
+  per-call overhead the batched chain saves) and one thread's matmul rate on each CPU, pinned in turn,
+  before and after the stacks. torch splits a batched product statically across its threads, so the
+  batched chain runs at the pace of the slower CPU, while the loop, which a second thread barely speeds
+  up, runs at about one CPU's pace: a rough model of the speedup is the one-thread speedup x threads x
+  slowest / fastest CPU. On a shared cloud host the CPUs' speed moves from minute to minute (a vCPU whose
+  hyperthread sibling is busy elsewhere runs slower), and the tiny speedup moves with it.
 
     python -m benchmarks.optimizer [--quick] --out bench-results/optimizer.json
+
+Figures, printed and in the JSON: per preset ``step_seconds`` (forward + backward + MuonClip step),
+``muonclip_step_seconds``, ``adamw_step_seconds`` and their ratio ``muon_over_adamw_step_time``;
+``ns_share_measured`` and ``ns_share_predicted`` (Newton-Schulz seconds over the step) and
+``ns_measured_over_predicted``; ``ns_flop_ratio_counted`` against ``ns_flop_ratio_rule_of_thumb``;
+``matmul_rates``, the bmm GFLOP/s of each stack shape in bf16 and fp32. Per expert stack in
+``batched_vs_loop``: the fastest call of each chain (``batched_s``, ``loop_s``), ``speedup`` (loop over
+batched), both chains' GFLOP/s and ``speedup_ceiling`` (``ns_dtype_peak_gflops`` over the loop's rate);
+for tiny also ``speedup_one_thread`` and ``speedup_modelled_from_cpus``, with ``per_cpu_gflops`` (one
+thread's 256 x 256 matmul rate on each CPU, before and after the stacks).
+
+Targets (``targets`` in the JSON): the measured Newton-Schulz share within 1.5x of the priced one,
+either way, for both presets; tiny's batched chain at least 3x faster than the loop; small's no slower.
+
+Results measured so far, with their dates and machines: benchmarks/results/optimizer.md.
 
 Newton-Schulz FLOPs of one [m, n] matrix (m <= n) per iteration: X X^T 2 m^2 n, A A 2 m^3, B X 2 m^2 n.
 """

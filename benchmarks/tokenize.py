@@ -11,15 +11,15 @@ included. Memory is sampled every 0.25 s over the process tree (the driver plus 
 started: GCS, raylet, workers) as resident memory minus shared memory, summed; Ray's object store lives in
 shared memory and is reported apart (the largest shared resident size of any process).
 
-Which corpus the throughput targets are read on: the 10x one (``tokens_per_s_*``; 35 M tokens, about a
-minute of encoding for one process). The stage starts its tokenizer actors afresh each run, in new worker
-processes (Ray gives an actor a worker that has not run tasks; booting one and importing Ray Data takes
-1.3-2.5 s here), a fixed cost that on the 12 MB standard library is a third of one worker's whole run and
-says nothing about tokenizing throughput; a real pretraining corpus is thousands of times larger still.
-The same three configurations on the corpus itself are reported too (``*_1x``), with that start-up.
+Which corpus the throughput targets are read on: the 10x one (``tokens_per_s_*``). The stage starts its
+tokenizer actors afresh each run, in new worker processes (Ray gives an actor a worker that has not run
+tasks, and booting one imports Ray Data), a fixed cost that on the standard library alone is a large share
+of one worker's whole run and says nothing about tokenizing throughput; a real pretraining corpus is
+thousands of times larger still. The same three configurations on the corpus itself are reported too
+(``*_1x``), with that start-up.
 
-The configurations take turns over two rounds (one with ``--quick``) and each keeps its fastest: on this
-shared machine the same work can take 50% longer from one minute to the next.
+The configurations take turns over two rounds (one with ``--quick``) and each keeps its fastest: on a
+shared machine the same work can take much longer from one minute to the next.
 
 Also reported: the start-up (until the first actor starts encoding: the executor and the actor processes),
 the throughput after it, and the actors' busy time (tokens per busy actor-second is the encoding speed
@@ -27,6 +27,8 @@ inside Ray, to set against the plain process).
 
 Targets: 2 workers >= 1.6x one worker; one Ray Data worker >= 0.8x the plain process; peak memory on the
 10x corpus <= 1.3x that on the corpus (2 workers each).
+
+Results measured so far, with their dates and machines: benchmarks/results/tokenize.md.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ class TreeMemory(common.PeakRSS):
     ``peak_shared``: the largest shared resident size of one process (Ray's object store).
 
     Sampled every 0.25 s, the process tree re-listed every second: the sampler runs in the driver at
-    normal priority while Ray's workers run niced, so at 50 ms (listing the tree each time) it took about
-    10% of a core straight from the tokenizer actors, about 2.5% at this rate. Resident memory here moves
-    over seconds, not milliseconds."""
+    normal priority while Ray's workers run niced, so whatever CPU it uses is taken straight from the
+    tokenizer actors; the rates were chosen by measurement (benchmarks/results/tokenize.md). Resident
+    memory here moves over seconds, not milliseconds."""
 
     def __init__(self, pids=None, interval: float = 0.25, relist_s: float = 1.0):
         super().__init__(pids, interval)

@@ -19,6 +19,12 @@ between device synchronisations in a second pass) and the Newton-Schulz share of
 runs in the dtype ``optimizer.ns_dtype=auto`` picks for the device (bf16 on a GPU), written to the JSON:
 
     python -m benchmarks.train --device cuda --out bench-results/train-gpu.json
+
+Targets of the CPU run (``targets`` in the JSON): ``small`` on 1 worker at an MFU of at least 25%; each
+2-worker layout (``tiny`` and ``small``) at least 0.8x the tokens/s of 1 worker; a checkpoint stall of at
+most 2 ``small`` steps (1 worker, 8,192-token batch).
+
+Results measured so far, with their dates and machines: benchmarks/results/train.md.
 """
 
 from __future__ import annotations
@@ -64,12 +70,12 @@ def _worker(rank: int, world: int, port: int, cfg_args: tuple, steps: int, queue
     try:
         trainer = Trainer(cfg, SyntheticBatches(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,
                                                 rank), [])
-        trainer.train_step()  # warm-up
+        trainer.step()  # warm-up
         if world > 1:
             dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step()
+            trainer.step()
         if world > 1:
             dist.barrier()
         step_s = (time.perf_counter() - t0) / steps
@@ -131,13 +137,13 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
     cfg = _config(preset, 1, 1, micro, global_batch, seq, torch.get_num_threads())
     trainer = Trainer(cfg, SyntheticBatches(cfg.model.vocab_size, micro, seq, 0), [], device=device)
     for _ in range(2):  # warm-up: optimizer state, kernels, allocator
-        trainer.train_step()
+        trainer.step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        trainer.step()
     sync()
     step_s = (time.perf_counter() - t0) / steps
 
@@ -166,7 +172,7 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
         sync()
         t1 = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step()
+            trainer.step()
         sync()
         timed_step_s = (time.perf_counter() - t1) / steps
     finally:
@@ -214,8 +220,9 @@ def main(argv=None) -> None:
     # (preset, timed steps, global batch in sequences of 256, layouts). small's target layouts run a
     # 32-sequence (8,192-token) batch, 8 micro-batches of 4 on one worker: Newton-Schulz costs the same per
     # step whatever the batch (steps * d / tokens of the training FLOPs, shared/REFERENCE.md section 3), so
-    # at 2,048 tokens it is about 40% of a small step on an fp32-only CPU, a share no real pretraining
-    # batch comes near (K2's 67M tokens: under 0.1%). The 2,048-token step is measured too, on 1 worker.
+    # at 2,048 tokens it takes a large share of a small step on an fp32-only CPU (measured:
+    # benchmarks/results/train.md), a share no real pretraining batch comes near (by that rule, under 0.1%
+    # at K2's 67M tokens). The 2,048-token step is measured too, on 1 worker.
     runs_spec = [("tiny", 4 if args.quick else 10, 8, layouts), ("small", 1 if args.quick else 2, 32, layouts),
                  ("small", 2 if args.quick else 4, 8, [(1, 1)])]
     rounds = 2 if args.quick else 3

@@ -315,7 +315,7 @@ _MISSING = _Missing()
 
 # ---------------------------------------------------------------------- presets
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on a 2-core CPU in minutes; CI and the demo run it.
+    # Small enough to train on a 2-core CPU; CI and the demo run it.
     "tiny": dict(
         vocab_size=4096, hidden_size=128, num_layers=4, first_k_dense=1, dense_ffn_size=384,
         expert_ffn_size=64, num_experts=16, num_experts_per_tok=2, num_shared_experts=1,
@@ -464,7 +464,8 @@ class OptimizerConfig:
     ns_dtype: str = "auto"
     """Dtype of the Newton-Schulz iteration: ``bfloat16`` (the published recipe), ``float32``, or ``auto``:
     bf16 where the hardware multiplies it natively (GPUs; CPUs with AMX, AVX512-BF16 or Arm BF16), fp32
-    elsewhere, where bf16 products are emulated and about 10x slower (``k2model.optim.resolve_ns_dtype``).
+    elsewhere, where bf16 products are emulated and far slower (``k2model.optim.resolve_ns_dtype``;
+    measured: benchmarks/results/optimizer.md).
     The resolved dtype is saved with the optimizer state, so a resumed run keeps the one it started with."""
     rms_scale: float = 0.2
     """Update-RMS matching: update = rms_scale * sqrt(max(rows, cols)) * NS(M)."""

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -67,8 +68,8 @@ NS_EPS = 1e-7
 NS_CHUNK_BYTES_CPU = 1 << 20
 """On CPU, Newton-Schulz iterates a stack in sub-stacks of about this many bytes (see ``newton_schulz``):
 small enough that a sub-stack's iterate, its Gram matrices and the work buffer stay in the cores' caches
-through the chain. Against 8 MiB sub-stacks (2 threads of a 2-core AVX2 CPU, fp32, side by side): tiny's
-157 x [64, 128] stack 1.25-1.6x faster, small's 693 x [256, 512] 1.03-1.10x; 512 KiB lost 12% there."""
+through the chain. Chosen by measurement against 8 MiB and 512 KiB sub-stacks; see
+benchmarks/results/optimizer.md."""
 NS_CHUNK_BYTES_OTHER = 8 << 20
 """Sub-stack size on other devices (GPUs): it bounds the work buffers; not tuned on a GPU yet."""
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -109,13 +110,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
         chunk_bytes = ns_chunk_bytes(G.device)
     per_chunk = ns_sub_stack_size(K, M, N, dtype, chunk_bytes)
     # In fp32 and wider, a X + (b A + c A^2) X runs as one product (a I + b A + c A^2) X: adding a to the
-    # diagonal is an [m]-sized step where baddbmm's beta = a rescales and adds the whole [m, n] iterate
-    # (1.66 -> 1.57 ms on a tiny expert stack, 2 threads of a 2-core AVX2 CPU, side by side). Not in
-    # bf16: there the sum a + (b A + c A^2)_ii is rounded to 8 bits before it multiplies, which more than
-    # doubled the iterate's error against a float64 chain (1.4e-2 -> 3.5e-2 on tiny's expert stack).
+    # diagonal is an [m]-sized step where baddbmm's beta = a rescales and adds the whole [m, n] iterate.
+    # Not in bf16: there the sum a + (b A + c A^2)_ii is rounded to 8 bits before it multiplies, which
+    # made the iterate's error against a float64 chain clearly worse. Both chosen by measurement; see
+    # benchmarks/results/optimizer.md.
     fold_a = torch.finfo(dtype).bits >= 32
-    # Work buffers, reused by every chunk: fresh multi-MB results each iteration cost page faults (about
-    # a third of the time of a large stack on CPU); the arithmetic is the same.
+    # Work buffers, reused by every chunk: fresh multi-MB results each iteration cost page faults (a large
+    # share of a large stack's time on CPU, by measurement: benchmarks/results/optimizer.md); the
+    # arithmetic is the same.
     work_KMN = torch.empty(per_chunk, M, N, dtype=dtype, device=G.device)
     A_KMM = torch.empty(per_chunk, M, M, dtype=dtype, device=G.device)
     B_KMM = torch.empty_like(A_KMM)
@@ -157,9 +159,22 @@ def ns_sub_stack_size(num_matrices: int, rows: int, cols: int, dtype: torch.dtyp
     return max(1, min(num_matrices, chunk_bytes // (rows * cols * dtype.itemsize)))
 
 
+CPU_KIND_ENV = "K2PIPE_CPU_KIND"
+"""Set to a key of ``SIMULATED_CPU_KINDS`` to make ``ns_dtype='auto'`` resolve as on that kind of CPU (the
+tests' ``--cpu-kind`` option); explicit dtypes are never affected."""
+SIMULATED_CPU_KINDS = {"amx": frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}),
+                       "avx2": frozenset({"avx2", "fma"})}
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    """This CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere.
+    Under ``K2PIPE_CPU_KIND`` the flags of the simulated kind instead."""
+    simulated = os.environ.get(CPU_KIND_ENV)
+    if simulated:
+        if simulated not in SIMULATED_CPU_KINDS:
+            raise ValueError(f"{CPU_KIND_ENV}={simulated!r}: expected one of {sorted(SIMULATED_CPU_KINDS)}")
+        return SIMULATED_CPU_KINDS[simulated]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -171,11 +186,16 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_bf16_flags() -> frozenset[str]:
+    """The bf16 matrix-instruction flags this CPU lists (or the simulated kind's)."""
+    return _cpu_flags() & _BF16_CPU_FLAGS
+
+
 def native_bf16_matmul(device: torch.device | str) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU whose
     flags list AMX-BF16, AVX512-BF16 or Arm's BF16. Without them torch still computes bf16 products (same
-    rounding), but by conversion: on an AVX2-only CPU a bf16 bmm ran about 10x slower than fp32 at
-    Newton-Schulz's shapes (4-10 against 43-84 GFLOP/s per core), so bf16 would buy nothing but time."""
+    rounding), but by conversion, which on an AVX2-only CPU is far slower than fp32 at Newton-Schulz's
+    shapes (measured: benchmarks/results/optimizer.md), so bf16 would buy nothing but time."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)

@@ -80,7 +80,7 @@ def run_workers(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout
     fn = _importable(fn)
     ctx = mp.get_context("forkserver")
     # The fork server imports these once; every worker is then forked from it ready to run, instead of
-    # importing torch again (seconds per process). It never runs torch ops itself, so forking it is safe.
+    # importing torch again in each (a slow import). It never runs torch ops itself, so forking it is safe.
     main_spec = getattr(sys.modules["__main__"], "__spec__", None)
     preload = ["torch", "torch.distributed"]
     if main_spec is None or fn.__module__ != main_spec.name:  # workers re-run ``python -m`` mains anyway

@@ -183,7 +183,7 @@ class _SpooledWrite(io.RawIOBase):
         self.spool: io.BufferedIOBase = io.BytesIO()
         self.spilled_to_disk = False
         self.size = 0
-        self._exception_at_open = sys.exception()
+        self._exception_at_open = sys.exc_info()[1]
 
     def writable(self) -> bool:
         return True
@@ -201,7 +201,7 @@ class _SpooledWrite(io.RawIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        failing = sys.exception()
+        failing = sys.exc_info()[1]
         try:
             if failing is None or failing is self._exception_at_open:
                 self.handler._retry(self._send)

@@ -1,7 +1,12 @@
-"""Services shared by the whole test run, started for real on 127.0.0.1 and stopped at the end.
+"""Services shared by the whole test run, started for real on 127.0.0.1 and stopped at the end, and the
+CPU kind the run behaves as.
 
 - ``s3_server``: moto's S3-compatible HTTP server; AWS_* variables point every client at it.
 - ``s3_bucket``: a fresh bucket on that server for one test.
+- ``--cpu-kind=amx|avx2``: ``optimizer.ns_dtype=auto`` resolves as it would on that kind of CPU (``amx``:
+  native bf16 matrix instructions, so bf16; ``avx2``: none, so fp32), here and in every process the tests
+  start; explicit dtypes are untouched. With ``-m auto_dtype`` it reruns only the tests whose numbers
+  depend on what ``auto`` resolves to (``make test`` does so for the kind this machine is not).
 """
 
 from __future__ import annotations
@@ -10,6 +15,33 @@ import os
 import uuid
 
 import pytest
+
+from k2model.optim import CPU_KIND_ENV, SIMULATED_CPU_KINDS
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-kind", choices=sorted(SIMULATED_CPU_KINDS), default=None,
+                     help="make optimizer.ns_dtype=auto resolve as on this CPU kind (amx: bf16, avx2: fp32)")
+
+
+def pytest_configure(config):
+    kind = config.getoption("--cpu-kind")
+    if kind:
+        os.environ[CPU_KIND_ENV] = kind  # before anything resolves a dtype; inherited by worker processes
+
+
+def pytest_sessionstart(session):
+    """The log's first line: the CPU's bf16 capability and what ``auto`` resolves to (shown under -q too)."""
+    from k2model.optim import cpu_bf16_flags, native_bf16_matmul, resolve_ns_dtype
+
+    flags = ", ".join(sorted(cpu_bf16_flags())) or "none"
+    kind = os.environ.get(CPU_KIND_ENV)
+    simulated = f" (simulating --cpu-kind={kind})" if kind else ""
+    line = (f"k2pipe: CPU bf16 matrix flags: {flags}{simulated}; native bf16: {native_bf16_matmul('cpu')}; "
+            f"optimizer.ns_dtype=auto resolves to {resolve_ns_dtype('auto', 'cpu')}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 The global sample order is a pure function of (seed, step): epoch e visits the shards in a seeded
 permutation, taken in blocks of ``shuffle_shards`` shards whose rows are permuted jointly (so a batch mixes
 documents of several shards rather than walking one shard's neighbouring documents); step s takes global
-positions [s * G, (s + 1) * G) of that endless order (G = global batch), rank r takes its contiguous
-slice of G / world rows, and micro-batch m the m-th part of that slice. The only state a checkpoint needs
-is the step, so Ray Data iterators (not checkpointable) are not used here.
+positions [s * G, (s + 1) * G) of that endless order (G = global batch), data-parallel rank r takes its
+contiguous slice of G / dp_size rows, and micro-batch m the m-th part of that slice. The only state a
+checkpoint needs is the step, so Ray Data iterators (not checkpointable) are not used here.
 
 A rank opens only the shards its rows live in and reads only the parquet row groups holding them,
 through an LRU cache bounded in bytes (``cache_bytes``): memory does not grow with the dataset or the
@@ -91,18 +91,20 @@ class WindowReader:
 
 
 class DeterministicSampler:
-    """Maps (step, rank, micro-batch) to rows; see the module docstring."""
+    """Maps (step, data-parallel rank, micro-batch) to rows; see the module docstring. ``dp_size`` ranks
+    read different rows of each global batch; ranks that share a data-parallel index (the stages of one
+    pipeline) read the same rows."""
 
-    def __init__(self, shards: list[ShardRef], seed: int, global_batch: int, world_size: int, rank: int,
+    def __init__(self, shards: list[ShardRef], seed: int, global_batch: int, dp_size: int, dp_rank: int,
                  micro_batch: int, shuffle_shards: int = 8):
-        if global_batch % (world_size * micro_batch):
-            raise ValueError(f"global batch {global_batch} is not a multiple of world size {world_size} x "
-                             f"micro-batch {micro_batch}")
+        if global_batch % (dp_size * micro_batch):
+            raise ValueError(f"global batch {global_batch} is not a multiple of the data-parallel size {dp_size} "
+                             f"x micro-batch {micro_batch}")
         self.shards = shards
         self.seed = seed
         self.global_batch = global_batch
-        self.world_size = world_size
-        self.rank = rank
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
         self.micro_batch = micro_batch
         self.shuffle_shards = max(1, shuffle_shards)
         self.total_rows = sum(s.rows for s in shards)
@@ -113,7 +115,7 @@ class DeterministicSampler:
 
     @property
     def micro_batches_per_step(self) -> int:
-        return self.global_batch // (self.world_size * self.micro_batch)
+        return self.global_batch // (self.dp_size * self.micro_batch)
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard visiting order and the cumulative row offsets of the shard blocks in that order."""
@@ -149,8 +151,8 @@ class DeterministicSampler:
         return int(shards[slot]), index - int(offsets[slot])
 
     def positions(self, step: int, micro: int) -> range:
-        per_rank = self.global_batch // self.world_size
-        start = step * self.global_batch + self.rank * per_rank + micro * self.micro_batch
+        per_rank = self.global_batch // self.dp_size
+        start = step * self.global_batch + self.dp_rank * per_rank + micro * self.micro_batch
         return range(start, start + self.micro_batch)
 
 
@@ -170,15 +172,15 @@ class TrainBatches:
         return ids[:, :-1], ids[:, 1:]
 
 
-def eval_batches(reader: WindowReader, num_batches: int, micro_batch: int, world_size: int, rank: int
+def eval_batches(reader: WindowReader, num_batches: int, micro_batch: int, dp_size: int, dp_rank: int
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed validation set: the first rows of the validation shards, split over ranks."""
+    """A fixed validation set: the first rows of the validation shards, split over data-parallel ranks."""
     total = sum(s.rows for s in reader.shards)
-    rows_needed = min(total, num_batches * micro_batch * world_size)
-    per_rank = rows_needed // world_size
+    rows_needed = min(total, num_batches * micro_batch * dp_size)
+    per_rank = rows_needed // dp_size
     if per_rank == 0:
         return []
-    positions = range(rank * per_rank, (rank + 1) * per_rank)
+    positions = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     offsets = np.cumsum([0] + [s.rows for s in reader.shards])
     rows = []
     for pos in positions:

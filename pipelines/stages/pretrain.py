@@ -129,7 +129,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
 
 
 def _entry(loop_config: dict[str, Any]) -> None:
-    from pipelines.train.trainer import train_loop_per_worker
+    from pipelines.train.worker import train_loop_per_worker
 
     train_loop_per_worker(loop_config)
 

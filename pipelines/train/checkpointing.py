@@ -12,12 +12,13 @@ How a save works, and why a crash never leaves a trusted partial checkpoint:
 2. A background thread serialises the snapshot and writes this rank's shard, retrying transient storage
    errors (throttling, dropped connections, a store that is down for a while) with exponential backoff.
 3. ``poll_and_register`` (called every step; one tiny all-reduce while a save is pending): once every
-   rank's upload finished, the ranks agree; if all succeeded, the folder is registered with Ray Train
-   (``ray.train.report(..., checkpoint_upload_mode=NO_UPLOAD)``), which keeps the last ``num_to_keep``.
-   If any rank failed for good, the checkpoint is abandoned (reported in the log and metrics; the folder
-   is deleted best-effort) and training goes on; the next checkpoint tries again.
-Ray Train resumes only from registered checkpoints, so a folder whose upload was cut short by a crash
-is never trusted. In the layout that wrote it, each rank reads back only ``meta.json`` and its own shard.
+   rank's upload finished, the ranks agree; if all succeeded, the folder is registered with the run's
+   ``CheckpointRegistry`` (under Ray Train, ``ray.train.report(..., checkpoint_upload_mode=NO_UPLOAD)``,
+   which keeps the last ``num_to_keep``). If any rank failed for good, the checkpoint is abandoned
+   (reported in the log and metrics; the folder is deleted best-effort) and training goes on; the next
+   checkpoint tries again.
+A run resumes only from registered checkpoints, so a folder whose upload was cut short by a crash is
+never trusted. In the layout that wrote it, each rank reads back only ``meta.json`` and its own shard.
 In another layout (other worker count or ep), each rank reads every shard's index and, of the tensors,
 exactly the bytes it keeps (``pipelines.train.reshard``).
 """
@@ -26,16 +27,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
+from k2model.distributed import agree
+from pipelines.console import say
 from pipelines.train import checkpoint_file
 
 SHARD_NAME = "rank-{rank:05d}.shard"
@@ -44,11 +46,57 @@ UPLOAD_ATTEMPTS = 3
 FIRST_BACKOFF_S = 1.0
 
 
-def say(message: str) -> None:
-    """One line to the worker's stdout. (Ray Train patches ``print`` in workers to also log it, which
-    shows every line twice in the driver's output.)"""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+class CheckpointRegistry(Protocol):
+    """Where a run's complete checkpoints are registered and found again. The trainer imports no Ray: the
+    Ray Train worker entry implements this with ``ray.train.report`` (``pipelines.train.worker``), and
+    ``LocalRegistry`` serves runs under plain ``torch.distributed``. Every rank calls ``register`` and
+    ``report`` the same number of times (under Ray Train each is a barrier)."""
+
+    def register(self, folder: str, metrics: dict[str, Any]) -> None:
+        """``folder`` holds a complete checkpoint (every rank's shard and ``meta.json``)."""
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Metrics without a checkpoint (a checkpoint was abandoned)."""
+
+    def latest(self) -> str | None:
+        """The folder of the latest checkpoint registered before this run started, or None."""
+
+
+class LocalRegistry:
+    """A ``CheckpointRegistry`` without Ray: rank 0 writes ``latest_checkpoint.json`` (the folder of the
+    newest registered checkpoint) into the run folder after each registration, so a restarted run finds
+    it; older checkpoints beyond ``keep`` are deleted."""
+
+    POINTER = "latest_checkpoint.json"
+
+    def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, keep: int = 2):
+        self.fs, self.experiment_path, self.rank, self.keep = fs, experiment_path.rstrip("/"), rank, keep
+        self.registered: list[str] = []
+        self.reports: list[dict[str, Any]] = []
+
+    def register(self, folder: str, metrics: dict[str, Any]) -> None:
+        self.registered.append(folder)
+        if self.rank != 0:
+            return
+        _write_with_retry(self.fs, f"{self.experiment_path}/{self.POINTER}",
+                          json.dumps({"folder": folder, "metrics": metrics}, default=str).encode(),
+                          UPLOAD_ATTEMPTS, FIRST_BACKOFF_S)
+        for old in self.registered[:-self.keep]:
+            try:
+                self.fs.delete_dir(old)
+            except OSError:
+                pass  # already gone, or the store is down: it is no longer pointed to either way
+        self.registered = self.registered[-self.keep:]
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        self.reports.append(dict(metrics))
+
+    def latest(self) -> str | None:
+        path = f"{self.experiment_path}/{self.POINTER}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())["folder"]
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -88,10 +136,14 @@ def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes | Callable[[An
 
 
 class CheckpointWriter:
+    """Saves this rank's shard in the background and registers a checkpoint with ``registry`` once every
+    rank's shard has landed (see the module docstring)."""
+
     def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, signature: dict[str, Any],
-                 world_size: int, ep: int, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = FIRST_BACKOFF_S,
-                 reshard: ReshardSpec | None = None):
+                 world_size: int, ep: int, registry: CheckpointRegistry, attempts: int = UPLOAD_ATTEMPTS,
+                 backoff_s: float = FIRST_BACKOFF_S, reshard: ReshardSpec | None = None):
         self.fs = fs
+        self.registry = registry
         self.reshard = reshard
         self.experiment_path = experiment_path.rstrip("/")
         self.rank = rank
@@ -135,30 +187,19 @@ class CheckpointWriter:
             return
         self._finish(wait=final)
 
-    def _agree(self, value: int, op) -> int:
-        if dist.is_initialized() and self.world_size > 1:
-            t = torch.tensor([value], dtype=torch.int64)
-            dist.all_reduce(t, op=op)
-            return int(t.item())
-        return value
-
     def _finish(self, wait: bool) -> None:
-        import ray.train
-
         step, future, metrics = self._pending
         if wait:
             concurrent.futures.wait([future])
         # Every rank must make the same decision: done only when all uploads finished.
-        if self._agree(int(future.done()), dist.ReduceOp.MIN) == 0:
+        if agree(int(future.done()), dist.ReduceOp.MIN) == 0:
             return
         error = future.exception()
-        ok = self._agree(int(error is None), dist.ReduceOp.MIN) == 1
+        ok = agree(int(error is None), dist.ReduceOp.MIN) == 1
         self._pending = None
         folder = self.path_for(step)
         if ok:
-            checkpoint = ray.train.Checkpoint(path=folder, filesystem=self.fs)
-            ray.train.report(dict(metrics), checkpoint=checkpoint,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+            self.registry.register(folder, dict(metrics))
             self.last_registered_path = folder
         else:
             self.abandoned.append(step)
@@ -170,18 +211,15 @@ class CheckpointWriter:
                 except OSError:
                     pass  # the store is still down; the folder was never registered, so it is never trusted
             # Keep report() calls equal on every rank even when no checkpoint is registered.
-            ray.train.report({**metrics, "checkpoint_abandoned_step": step})
+            self.registry.report({**metrics, "checkpoint_abandoned_step": step})
 
     def load_latest_registered(self) -> dict[str, Any] | None:
-        import ray.train
-
-        if self.last_registered_path is not None:
-            checkpoint = ray.train.Checkpoint(path=self.last_registered_path, filesystem=self.fs)
-        else:
-            checkpoint = ray.train.get_checkpoint()
-            if checkpoint is None:
-                return None
-        return load_rank_state(checkpoint, self.rank, self.signature, self.world_size, self.ep, self.reshard)
+        """This rank's state from the newest checkpoint registered by this writer or, failing that, before
+        the run started; None when there is none."""
+        folder = self.last_registered_path or self.registry.latest()
+        if folder is None:
+            return None
+        return load_rank_state(self.fs, folder, self.rank, self.signature, self.world_size, self.ep, self.reshard)
 
 
 # ---------------------------------------------------------------------- loading
@@ -195,8 +233,8 @@ class ReshardSpec:
     """Whether this rank holds a parameter's optimizer state, by name (``MuonClip.computes_here``)."""
 
 
-def read_meta(checkpoint) -> dict[str, Any]:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_NAME}") as f:
+def read_meta(fs: pafs.FileSystem, folder: str) -> dict[str, Any]:
+    with fs.open_input_stream(f"{folder}/{META_NAME}") as f:
         return json.loads(f.read().decode())
 
 
@@ -223,24 +261,23 @@ def _check_shards_present(fs: pafs.FileSystem, folder: str, world_size: int) -> 
                      + hint)
 
 
-def load_rank_state(checkpoint, rank: int, signature: dict[str, Any], world_size: int, ep: int,
-                    reshard: ReshardSpec | None = None) -> dict[str, Any]:
-    """This rank's state from ``checkpoint``. In the layout that wrote it: ``meta.json`` and this rank's
-    shard only. In another layout (``world_size`` or ``ep`` differ): resharded (``pipelines.train.reshard``),
-    which needs ``reshard``; without it the layout change is an error."""
-    meta = read_meta(checkpoint)
-    check_compatible(meta, signature, checkpoint.path)
-    fs = checkpoint.filesystem
+def load_rank_state(fs: pafs.FileSystem, folder: str, rank: int, signature: dict[str, Any], world_size: int,
+                    ep: int, reshard: ReshardSpec | None = None) -> dict[str, Any]:
+    """This rank's state from the checkpoint in ``folder``. In the layout that wrote it: ``meta.json`` and
+    this rank's shard only. In another layout (``world_size`` or ``ep`` differ): resharded
+    (``pipelines.train.reshard``), which needs ``reshard``; without it the layout change is an error."""
+    meta = read_meta(fs, folder)
+    check_compatible(meta, signature, folder)
     if meta["world_size"] == world_size and meta["ep"] == ep:
-        _check_shards_present(fs, checkpoint.path, meta["world_size"])
-        path = f"{checkpoint.path}/{SHARD_NAME.format(rank=rank)}"
+        _check_shards_present(fs, folder, meta["world_size"])
+        path = f"{folder}/{SHARD_NAME.format(rank=rank)}"
         with fs.open_input_stream(path) as f:
             return checkpoint_file.decode(f.read(), path)
     if reshard is None:
-        raise ValueError(f"checkpoint {checkpoint.path} was written by {meta['world_size']} workers with "
+        raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers with "
                          f"ep={meta['ep']}; this run has {world_size} workers with ep={ep}, and this loader "
                          "cannot reshard")
-    return read_resharded(fs, checkpoint.path, meta, rank, world_size, ep, reshard)
+    return read_resharded(fs, folder, meta, rank, world_size, ep, reshard)
 
 
 def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank: int, world_size: int, ep: int,

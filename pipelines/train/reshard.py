@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from k2model.distributed import ParallelLayout
 from k2model.model import is_stacked_expert
-from k2model.parallel import ParallelLayout
 from pipelines.train.checkpoint_file import ShardReader, TensorRef, fill
 
 MODEL = "model/"

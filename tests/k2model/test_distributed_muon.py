@@ -17,10 +17,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from k2model.config import OptimizerConfig, preset_config
+from k2model.distributed import ParallelLayout
 from k2model.model import build_model
 from k2model.optim import MuonClip, assign_owners, build_optimizer, merge_state_dicts, split_params
-from k2model.parallel import ParallelLayout, build_parallel_model, expert_param_names, sync_gradients
+from k2model.parallel import build_parallel_model, expert_param_names, sync_gradients
 from k2model.qk_clip import qk_clip
+
+# Defaults to optimizer.ns_dtype=auto: rerun as the other CPU kind by `make test` (tests/conftest.py).
+pytestmark = pytest.mark.auto_dtype
 
 WORLD = 2
 STEPS, SPLIT = 4, 2

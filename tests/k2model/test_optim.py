@@ -27,6 +27,9 @@ from k2model.optim import (
 from k2model.schedule import set_lr
 from k2model.testing import run_workers
 
+# Defaults to optimizer.ns_dtype=auto: rerun as the other CPU kind by `make test` (tests/conftest.py).
+pytestmark = pytest.mark.auto_dtype
+
 
 @pytest.fixture(autouse=True)
 def _threads():

@@ -20,12 +20,11 @@ import torch
 import torch.distributed as dist
 
 from k2model.config import preset_config
+from k2model.distributed import ParallelLayout, all_ranks_finite
 from k2model.model import build_model
 from k2model.moe import update_router_bias
 from k2model.parallel import (
     GradientSync,
-    ParallelLayout,
-    all_ranks_finite,
     build_parallel_model,
     clip_grad_norm_,
     expert_param_names,

@@ -31,7 +31,7 @@ def test_each_epoch_visits_every_window_once_and_ranks_are_disjoint(tmp_path):
     total = 48
     seen_by_rank = []
     for rank in range(2):
-        sampler = DeterministicSampler(refs, seed=3, global_batch=8, world_size=2, rank=rank, micro_batch=2)
+        sampler = DeterministicSampler(refs, seed=3, global_batch=8, dp_size=2, dp_rank=rank, micro_batch=2)
         batches = TrainBatches(sampler, WindowReader(refs, SEQ))
         ids = []
         for step in range(total // 8):
@@ -44,15 +44,15 @@ def test_each_epoch_visits_every_window_once_and_ranks_are_disjoint(tmp_path):
     assert sorted(seen_by_rank[0] + seen_by_rank[1]) == list(range(total))
     # Shuffled, not in corpus order, and one batch mixes rows of several shards.
     assert seen_by_rank[0] != sorted(seen_by_rank[0])
-    first_batch = DeterministicSampler(refs, seed=3, global_batch=8, world_size=1, rank=0, micro_batch=8)
+    first_batch = DeterministicSampler(refs, seed=3, global_batch=8, dp_size=1, dp_rank=0, micro_batch=8)
     assert len({first_batch.locate(p)[0] for p in first_batch.positions(0, 0)}) > 1
 
 
 def test_order_depends_only_on_seed_and_step(tmp_path):
     refs = make_shards(tmp_path, [10, 10])
-    a = DeterministicSampler(refs, seed=1, global_batch=4, world_size=1, rank=0, micro_batch=4)
-    b = DeterministicSampler(refs, seed=1, global_batch=4, world_size=1, rank=0, micro_batch=4)
-    c = DeterministicSampler(refs, seed=2, global_batch=4, world_size=1, rank=0, micro_batch=4)
+    a = DeterministicSampler(refs, seed=1, global_batch=4, dp_size=1, dp_rank=0, micro_batch=4)
+    b = DeterministicSampler(refs, seed=1, global_batch=4, dp_size=1, dp_rank=0, micro_batch=4)
+    c = DeterministicSampler(refs, seed=2, global_batch=4, dp_size=1, dp_rank=0, micro_batch=4)
     # Resuming at step 7 gives the same rows as reaching step 7 from the start.
     for step in (7, 3, 12):
         assert [a.locate(p) for p in a.positions(step, 0)] == [b.locate(p) for p in b.positions(step, 0)]
@@ -69,7 +69,7 @@ def test_memory_stays_bounded_with_shards_larger_than_the_budget(tmp_path):
     shard_bytes = 256 * (SEQ + 1) * 4
     budget = shard_bytes // 4  # a quarter of one shard
     reader = WindowReader(refs, SEQ, cache_bytes=budget)
-    sampler = DeterministicSampler(refs, seed=0, global_batch=8, world_size=1, rank=0, micro_batch=8)
+    sampler = DeterministicSampler(refs, seed=0, global_batch=8, dp_size=1, dp_rank=0, micro_batch=8)
     batches = TrainBatches(sampler, reader)
     seen = []
     for step in range(512 // 8):
@@ -87,7 +87,7 @@ def test_bad_shapes_are_reported(tmp_path):
     with pytest.raises(ValueError, match="manifest"):
         WindowReader([ShardRef(uri=refs[0].uri, rows=5)], SEQ).read(0, 0)
     with pytest.raises(ValueError, match="multiple"):
-        DeterministicSampler(refs, seed=0, global_batch=6, world_size=4, rank=0, micro_batch=1)
+        DeterministicSampler(refs, seed=0, global_batch=6, dp_size=4, dp_rank=0, micro_batch=1)
 
 
 def test_eval_batches_split_over_ranks(tmp_path):

@@ -36,7 +36,10 @@ def write_shards(root: str, num_shards: int = 2, rows: int = 48) -> dict:
 
 
 def make_config(store: str, *extra: str, workers: int = 1, ep: int = 1, name: str = "t"):
-    return load_config(None, [
+    """Newton-Schulz in fp32 whatever the CPU kind (``optimizer.ns_dtype=auto`` picks bf16 where the CPU
+    multiplies it natively): the resharded resume is held to fp32 rounding. ``auto`` itself is tested on
+    the trainer (tests/pipelines/train/test_trainer.py) and in bf16 by tests/pipelines/train/test_reshard.py."""
+    return load_config(None, ["optimizer.ns_dtype=float32",
         f"storage.root={store}", f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", f"data.seq_len={SEQ}",
         "model.max_seq_len=64", f"train.num_workers={workers}", f"train.ep={ep}", "train.steps=8",
         "train.micro_batch_size=2", "train.global_batch_size=8", "train.checkpoint_every=4", "train.log_every=2",
@@ -244,22 +247,19 @@ def test_rank_reads_only_meta_and_its_own_shard(reference_ep2):
                 return wrapper
             return attr
 
-    class Ckpt:
-        filesystem = RecordingFS()
-
-    Ckpt.path = path
+    recording = RecordingFS()
     from pipelines.train.trainer import math_signature
 
     cfg = make_config("/unused", workers=2, ep=2)
-    state = checkpointing.load_rank_state(Ckpt(), 1, math_signature(cfg), 2, 2)
+    state = checkpointing.load_rank_state(recording, path, 1, math_signature(cfg), 2, 2)
     assert state["step"] == 8
     assert [p.rsplit("/", 1)[1] for p in opened] == ["meta.json", "rank-00001.shard"]
     # A config that changes the math is refused, naming the key.
     changed = make_config("/unused", "train.lr=0.1", workers=2, ep=2)
     with pytest.raises(ValueError, match="train.lr"):
-        checkpointing.load_rank_state(Ckpt(), 1, math_signature(changed), 2, 2)
+        checkpointing.load_rank_state(recording, path, 1, math_signature(changed), 2, 2)
     with pytest.raises(ValueError, match="written by 2 workers with ep=2; this run has 2 workers with ep=1"):
-        checkpointing.load_rank_state(Ckpt(), 0, math_signature(cfg), 2, 1)
+        checkpointing.load_rank_state(recording, path, 0, math_signature(cfg), 2, 1)
 
 
 def test_a_job_run_again_on_fewer_workers_resumes_resharded(reference_ep2, data, tmp_path):

@@ -28,52 +28,65 @@ class FlakyFS:
         return getattr(self.fs, name)
 
 
+class RecordingRegistry:
+    """A ``CheckpointRegistry`` that records each call as (metrics, registered folder or None)."""
+
+    def __init__(self):
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def register(self, folder, metrics):
+        self.calls.append((metrics, folder))
+
+    def report(self, metrics):
+        self.calls.append((metrics, None))
+
+    def latest(self):
+        return None
+
+
 @pytest.fixture
-def reports(monkeypatch):
-    import ray.train
-
-    calls = []
-    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **kw: calls.append((metrics, checkpoint)))
-    return calls
+def registry():
+    return RecordingRegistry()
 
 
-def test_persistent_failure_abandons_one_checkpoint_and_the_next_lands(tmp_path, reports):
+def test_persistent_failure_abandons_one_checkpoint_and_the_next_lands(tmp_path, registry):
     fs = FlakyFS()
     writer = checkpointing.CheckpointWriter(fs, str(tmp_path), rank=0, signature={"a": 1}, world_size=1, ep=1,
-                                            attempts=3, backoff_s=0.001)
+                                            registry=registry, attempts=3, backoff_s=0.001)
     state = {"model": {"w": torch.arange(6.0)}, "step": 2}
     fs.down = True
     writer.start(2, state, {"train/loss": 1.0})
     writer.poll_and_register(final=True)
     assert writer.abandoned == [2]
     assert fs.write_attempts == 3, "retried before giving up"
-    (metrics, checkpoint), = reports
+    (metrics, checkpoint), = registry.calls
     assert checkpoint is None and metrics["checkpoint_abandoned_step"] == 2
     assert not (tmp_path / "checkpoint-step00000002").exists()
 
     fs.down = False
     writer.start(4, {**state, "step": 4}, {"train/loss": 0.5})
     writer.poll_and_register(final=True)
-    metrics, checkpoint = reports[-1]
-    assert checkpoint is not None and checkpoint.path.endswith("checkpoint-step00000004")
-    loaded = checkpointing.load_rank_state(checkpoint, 0, {"a": 1}, 1, 1)
+    metrics, checkpoint = registry.calls[-1]
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-step00000004")
+    loaded = checkpointing.load_rank_state(fs, checkpoint, 0, {"a": 1}, 1, 1)
     assert loaded["step"] == 4 and torch.equal(loaded["model"]["w"], torch.arange(6.0))
-    assert writer.last_registered_path == checkpoint.path
+    assert writer.last_registered_path == checkpoint
 
 
-def test_snapshot_is_a_copy_taken_before_training_changes_the_state(tmp_path, reports):
+def test_snapshot_is_a_copy_taken_before_training_changes_the_state(tmp_path, registry):
     fs = FlakyFS()
-    writer = checkpointing.CheckpointWriter(fs, str(tmp_path), rank=0, signature={}, world_size=1, ep=1)
+    writer = checkpointing.CheckpointWriter(fs, str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
     weights = torch.zeros(4)
     writer.start(1, {"model": {"w": weights}, "step": 1}, {})
     weights.add_(1.0)  # the next optimizer step changes the live tensor while the upload runs
     writer.poll_and_register(final=True)
-    loaded = checkpointing.load_rank_state(reports[-1][1], 0, {}, 1, 1)
+    loaded = checkpointing.load_rank_state(fs, registry.calls[-1][1], 0, {}, 1, 1)
     assert torch.equal(loaded["model"]["w"], torch.zeros(4))
     assert len(writer.stall_seconds) == 1
 
 
-def test_pending_upload_is_not_registered_until_done(tmp_path, reports):
+def test_pending_upload_is_not_registered_until_done(tmp_path, registry):
     import threading
 
     gate = threading.Event()
@@ -83,13 +96,14 @@ def test_pending_upload_is_not_registered_until_done(tmp_path, reports):
             gate.wait(10)
             return super().open_output_stream(path, *args, **kwargs)
 
-    writer = checkpointing.CheckpointWriter(SlowFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1)
+    writer = checkpointing.CheckpointWriter(SlowFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
     writer.start(3, {"step": 3}, {})
     writer.poll_and_register(final=False)
-    assert reports == [], "registered before the shard was written"
+    assert registry.calls == [], "registered before the shard was written"
     gate.set()
     writer.poll_and_register(final=True)
-    assert reports[-1][1].path.endswith("checkpoint-step00000003")
+    assert registry.calls[-1][1].endswith("checkpoint-step00000003")
 
 
 def test_a_checkpoint_of_the_older_shard_format_is_a_clear_error(tmp_path):
@@ -100,9 +114,5 @@ def test_a_checkpoint_of_the_older_shard_format_is_a_clear_error(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "ep": 1, "signature": {}}))
     torch.save({"model": {}}, folder / "rank-00000.pt")
 
-    class Ckpt:
-        path = str(folder)
-        filesystem = pafs.LocalFileSystem()
-
     with pytest.raises(ValueError, match=r"lacks rank-00000.shard .*rank-00000.pt: shards of the torch.save"):
-        checkpointing.load_rank_state(Ckpt(), 0, {}, 1, 1)
+        checkpointing.load_rank_state(pafs.LocalFileSystem(), str(folder), 0, {}, 1, 1)

@@ -1,0 +1,50 @@
+"""What a run prints: one line per event from the workers, and Ray's own logging kept to warnings.
+
+``say`` writes one line to stdout (Ray Train patches ``print`` in workers to also log it, which would show
+every line twice in the driver's output). ``quiet_ray_logging`` turns Ray's and Ray Data's INFO logging
+and progress bars off (warnings and errors stay), unless the user asked for them (``--verbose``,
+``K2PIPE_VERBOSE=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+VERBOSE_ENV = "K2PIPE_VERBOSE"
+
+
+def say(message: str) -> None:
+    """One line to this process's stdout, flushed."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def ray_logging_env() -> dict[str, str]:
+    """Environment for Ray processes (workers, actors) under the current verbosity."""
+    if verbose():
+        return {}
+    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_STATE_TRACKING": "0"}
+
+
+def quiet_ray_logging() -> None:
+    """Ray's, Ray Data's and Ray Train's INFO logging off in this process (warnings and errors stay); the
+    same for the processes Ray starts from here (through ``ray_logging_env``). A no-op when verbose."""
+    if verbose():
+        return
+    os.environ.update(ray_logging_env())
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except (ImportError, AttributeError):
+        pass

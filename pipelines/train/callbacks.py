@@ -1,0 +1,207 @@
+"""What a training run does around ``Trainer.step()``, as callbacks with named hooks.
+
+``standard_callbacks`` builds the list a run uses, in the order their hooks run (the order matters where
+they share state: recovery may rewind ``trainer.global_step`` before the metrics read it; the sink logs
+what the metric and validation callbacks put into ``trainer.metrics``):
+
+- ``FaultInjection`` and ``NaNInjection`` (``pre_step``; tests of fault tolerance only, off by default);
+- ``DivergenceRecovery``: after ``train.max_bad_steps`` skipped steps in a row, restore the latest
+  checkpoint once; a second divergence stops the run with an error naming the step;
+- ``StepMetrics``: window means of the loss, throughput and MFU every ``train.log_every`` steps;
+- ``Validation``: the validation loss every ``train.eval_every`` steps and at the end;
+- ``MetricSink``: hands the step's metrics to a logging function (rank 0: MLflow) and prints one line;
+- ``Checkpointing``: snapshot every ``train.checkpoint_every`` steps and at the end, upload in the
+  background, register once every rank's shard has landed (``pipelines.train.checkpointing``).
+
+Nothing here imports Ray: storage is a pyarrow filesystem, registration a ``CheckpointRegistry``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipelines.console import say
+from pipelines.train.checkpointing import CheckpointWriter
+from pipelines.train.trainer import Callback, NonFiniteError, StepResult, Trainer
+
+
+class FaultInjection(Callback):
+    """Crash ``rank`` once when it reaches ``step`` (``train.fault_injection=rank:step``). A marker file in
+    the run's storage makes it happen once across restarts."""
+
+    def __init__(self, spec: str | None, rank: int, fs: pafs.FileSystem, run_path: str):
+        self.target = tuple(int(x) for x in spec.split(":")) if spec else None
+        self.rank, self.fs, self.run_path = rank, fs, run_path
+
+    def pre_step(self, trainer: Trainer) -> None:
+        if self.target != (self.rank, trainer.global_step):
+            return
+        marker = f"{self.run_path}/fault-injected-rank{self.rank}-step{trainer.global_step}"
+        if self.fs.get_file_info(marker).type != pafs.FileType.NotFound:
+            return
+        with self.fs.open_output_stream(marker) as f:
+            f.write(b"1")
+        say(f"[k2pipe] fault injection: rank {self.rank} exits at step {trainer.global_step}")
+        os._exit(1)
+
+
+class NaNInjection(Callback):
+    """Make this rank's loss NaN at ``count`` steps from ``step`` (``train.nan_injection=rank:step[:count]``),
+    each step once per process."""
+
+    def __init__(self, spec: str | None, rank: int):
+        self.steps: set[int] = set()
+        if spec:
+            rank_s, step_s, *count = spec.split(":")
+            if int(rank_s) == rank:
+                first = int(step_s)
+                self.steps = set(range(first, first + (int(count[0]) if count else 1)))
+
+    def pre_step(self, trainer: Trainer) -> None:
+        if trainer.global_step in self.steps:
+            self.steps.discard(trainer.global_step)
+            trainer.poison_loss = True
+
+
+class DivergenceRecovery(Callback):
+    """A skipped step is reported; ``max_bad_steps`` in a row restore the latest checkpoint once, and a
+    second time stop the run (``NonFiniteError``). The count of skipped steps survives the restore."""
+
+    def __init__(self, max_bad_steps: int, writer: CheckpointWriter):
+        self.max_bad_steps, self.writer = max_bad_steps, writer
+        self.recovered = False
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        if not result.skipped:
+            return
+        if trainer.rank == 0:
+            say(f"[k2pipe] step {result.step}: non-finite loss or gradient norm; step skipped "
+                f"({trainer.bad_streak} in a row)")
+        if trainer.bad_streak < self.max_bad_steps:
+            return
+        if self.recovered:
+            raise NonFiniteError(
+                f"training diverged again at step {result.step} after restoring the latest checkpoint: "
+                f"{self.max_bad_steps} non-finite steps in a row")
+        self.writer.poll_and_register(final=True)  # every rank is here: the skip decision was agreed by all
+        state = self.writer.load_latest_registered()
+        if state is None:
+            raise NonFiniteError(f"training diverged at step {result.step} ({self.max_bad_steps} non-finite "
+                                 "steps in a row) and there is no checkpoint to restore")
+        skipped = trainer.skipped_total
+        trainer.load_state_dict(state)
+        trainer.skipped_total = skipped
+        self.recovered = True
+        say(f"[k2pipe] restored the checkpoint of step {trainer.global_step} after non-finite steps")
+
+
+class StepMetrics(Callback):
+    """Every ``log_every`` steps and at the last: means over the steps since the last log (single-step
+    losses are noisy), tokens/s, MFU against ``peak_flops`` per rank, and the last step's statistics."""
+
+    def __init__(self, log_every: int, peak_flops: float):
+        self.log_every, self.peak_flops = log_every, peak_flops
+        self.window: list[StepResult] = []
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        self.window.append(result)
+        done = trainer.global_step
+        if done % self.log_every and done != trainer.cfg.train.steps:
+            return
+        seconds = max(sum(r.seconds for r in self.window), 1e-9)
+        tokens = sum(r.tokens for r in self.window)
+        applied = [r for r in self.window if not r.skipped] or self.window
+        trainer.metrics.update({
+            "train/loss": sum(r.loss for r in applied) / len(applied),
+            "train/lm_loss": sum(r.lm_loss for r in applied) / len(applied), "train/lr": result.lr,
+            "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens / seconds,
+            "train/mfu": tokens / seconds * trainer.flops_per_token / (self.peak_flops * trainer.world),
+            "train/skipped_steps": float(trainer.skipped_total), **result.extra,
+        })
+        self.window = []
+
+
+class Validation(Callback):
+    """The validation loss every ``eval_every`` steps (0: only at the end) and at the last step."""
+
+    def __init__(self, eval_every: int):
+        self.eval_every = eval_every
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        done = trainer.global_step
+        due = (self.eval_every and done % self.eval_every == 0) or done == trainer.cfg.train.steps
+        if due and trainer.val_batches:
+            trainer.metrics["val/loss"] = trainer.evaluate()
+
+
+class MetricSink(Callback):
+    """The step's metrics to ``log(step, metrics)`` (None: not logged) and one console line on rank 0."""
+
+    def __init__(self, log: Callable[[int, dict[str, float]], None] | None, flush: Callable[[], None] | None = None):
+        self.log, self.flush = log, flush
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        metrics, done = trainer.metrics, trainer.global_step
+        if self.log is not None and metrics:
+            self.log(done, metrics)
+        if trainer.rank == 0 and "train/loss" in metrics:
+            say(f"[k2pipe] step {done}/{trainer.cfg.train.steps} loss {metrics['train/loss']:.4f} "
+                f"lr {metrics['train/lr']:.2e} tok/s {metrics['train/tokens_per_s']:.0f}"
+                + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.flush is not None:
+            self.flush()
+
+
+class Checkpointing(Callback):
+    """Registers finished uploads every step; snapshots every ``checkpoint_every`` steps (0: only at the end)
+    and at the last step; waits for the last one at the end."""
+
+    def __init__(self, writer: CheckpointWriter, checkpoint_every: int):
+        self.writer, self.checkpoint_every = writer, checkpoint_every
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        self.writer.poll_and_register(final=False)
+        done = trainer.global_step
+        if done == trainer.cfg.train.steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
+            self.writer.start(done, trainer.state_dict(), {"train/loss": result.loss, "step": done})
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.writer.poll_and_register(final=True)
+
+
+def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any] | None:
+    """Load the run's latest registered checkpoint into ``trainer`` (resharded if it was written in another
+    layout); returns the loaded state, or None for a fresh start."""
+    state = writer.load_latest_registered()
+    if state is None:
+        return None
+    trainer.load_state_dict(state)
+    if "resharded_from" in state:
+        old = state["resharded_from"]
+        say(f"[k2pipe] rank {trainer.rank}: resharded a checkpoint of {old['world_size']} workers "
+            f"(ep={old['ep']}) into {trainer.world} workers (ep={trainer.layout.ep}), reading "
+            f"{sum(old['bytes_read'])} bytes; from here the run equals an uninterrupted one to float rounding, "
+            "not bit for bit")
+    return state
+
+
+def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops: float,
+                       log: Callable[[int, dict[str, float]], None] | None = None,
+                       flush: Callable[[], None] | None = None) -> list[Callback]:
+    """The callbacks of a pretraining run, in hook order, configured from ``trainer.cfg.train``."""
+    t = trainer.cfg.train
+    return [
+        FaultInjection(t.fault_injection, trainer.rank, writer.fs, writer.experiment_path),
+        NaNInjection(t.nan_injection, trainer.rank),
+        DivergenceRecovery(t.max_bad_steps, writer),
+        StepMetrics(t.log_every, peak_flops),
+        Validation(t.eval_every),
+        MetricSink(log, flush),
+        Checkpointing(writer, t.checkpoint_every),
+    ]

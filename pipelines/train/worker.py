@@ -1,0 +1,120 @@
+"""What every Ray Train worker runs: the trainer of this rank on the packed shards, with its callbacks.
+
+``train_loop_per_worker`` builds the layout, the data of this rank (by data-parallel rank), the trainer,
+the checkpoint writer and the callbacks (``pipelines.train.callbacks``), restores the run's latest
+registered checkpoint (resharded when it was written in another layout) and fits. This module is the
+only one under ``pipelines/train/`` that imports Ray: ``RayTrainRegistry`` registers checkpoints with Ray
+Train, and the context gives the rank, the world and the run's storage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from k2model.distributed import ParallelLayout
+from pipelines.config import config_from_dict
+from pipelines.console import say
+from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
+from pipelines.train import callbacks, checkpointing
+from pipelines.train.trainer import Trainer, math_signature, measure_matmul_flops, seed_everything
+
+
+class RayTrainRegistry:
+    """``CheckpointRegistry`` on Ray Train: a complete checkpoint folder is reported in place
+    (``NO_UPLOAD``: the ranks wrote it already); Ray Train keeps the last ``num_to_keep`` and resumes a
+    restarted worker group from the latest."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def register(self, folder: str, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint(path=folder, filesystem=self.fs),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(dict(metrics))
+
+    def latest(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else checkpoint.path
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point that Ray Train runs in every worker."""
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    t = cfg.train
+    torch.set_num_threads(t.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() and loop_config.get("use_gpu") \
+        else torch.device("cpu")
+    seed_everything(t.seed)
+    layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep)
+
+    train_shards = [ShardRef(**s) for s in loop_config["train_shards"]]
+    val_shards = [ShardRef(**s) for s in loop_config["val_shards"]]
+    reader = WindowReader(train_shards, cfg.data.seq_len, cache_bytes=loop_config.get("cache_bytes", 64 << 20))
+    sampler = DeterministicSampler(train_shards, t.seed, t.global_batch_size, layout.dp_size, layout.dp_rank,
+                                   t.micro_batch_size, t.shuffle_shards)
+    val = eval_batches(WindowReader(val_shards, cfg.data.seq_len), t.eval_batches, t.micro_batch_size,
+                       layout.dp_size, layout.dp_rank) if val_shards else []
+    trainer = Trainer(cfg, TrainBatches(sampler, reader), val, device, layout=layout)
+
+    storage = ctx.get_storage()
+    fs = storage.storage_filesystem
+    writer = checkpointing.CheckpointWriter(
+        fs, storage.experiment_fs_path, rank, signature=math_signature(cfg), world_size=world, ep=t.ep,
+        registry=RayTrainRegistry(fs),
+        reshard=checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here))
+    if callbacks.restore_latest(trainer, writer) is not None and rank == 0:
+        say(f"[k2pipe] resumed from {writer.registry.latest()} at step {trainer.global_step}")
+
+    logger = system_metrics = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from pipelines.tracking import MetricLogger
+
+        logger = MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        system_metrics = _start_system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        # Every start of the run, and the layout of each: the run's params keep the one it started in.
+        logger.set_tag("k2pipe.run_history", json.dumps(trainer.run_history))
+    if rank == 0 and trainer.optimizer.ns_dtype is not None:
+        # optimizer.ns_dtype=auto resolves per hardware (and a resumed run keeps its checkpoint's dtype).
+        say(f"[k2pipe] Newton-Schulz iterates in {trainer.optimizer.ns_dtype} "
+            f"(optimizer.ns_dtype={cfg.optimizer.ns_dtype})")
+        if logger is not None:
+            logger.set_tag("k2pipe.ns_dtype", trainer.optimizer.ns_dtype)
+    peak_flops = measure_matmul_flops(torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                      device=device.type)
+    trainer.callbacks = callbacks.standard_callbacks(
+        trainer, writer, peak_flops=peak_flops, log=logger.log if logger else None,
+        flush=logger.flush if logger else None)
+    try:
+        trainer.fit()
+    finally:
+        if system_metrics is not None:
+            system_metrics.finish()
+
+
+def _start_system_metrics(tracking_uri: str, run_id: str):
+    """CPU, memory, disk and network of rank 0's node into the pretrain run (psutil); best effort."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # never let monitoring stop training
+        say(f"[k2pipe] system metrics are off: {e}")
+        return None

@@ -1,0 +1,145 @@
+"""The trainer with its callbacks under plain ``torch.distributed`` (2 gloo processes, ep=2), without Ray:
+metrics and validation reach the sink at the configured steps, checkpoints are registered with a
+``LocalRegistry``, a run stopped after a checkpoint and started again resumes bit for bit, and
+non-finite steps are skipped and recovered from the latest checkpoint.
+
+``optimizer.ns_dtype`` is left at ``auto`` here (marked ``auto_dtype``: ``make test`` reruns these as the
+other CPU kind): resume is exact whatever ``auto`` resolves to, since both runs resolve alike."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from k2model.testing import run_workers
+from pipelines.config import load_config
+from pipelines.train import callbacks, checkpointing
+from pipelines.train.trainer import Callback, Trainer, math_signature, seed_everything
+
+pytestmark = pytest.mark.auto_dtype
+
+SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 8
+
+
+def _config(*extra: str):
+    return load_config(None, [
+        f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", f"data.seq_len={SEQ}", "model.max_seq_len=32",
+        "train.num_workers=2", "train.ep=2", "train.micro_batch_size=2", f"train.global_batch_size={GLOBAL_BATCH}",
+        f"train.steps={STEPS}", "train.warmup_steps=1", "train.checkpoint_every=4", "train.eval_every=4",
+        "train.log_every=2", "train.threads_per_worker=1", "tracking.enabled=false", *extra])
+
+
+class Batches:
+    """Step ``s``'s global batch, the same in every run; data-parallel rank ``r`` takes its rows."""
+
+    def __init__(self, micro_batch: int, dp_size: int, dp_rank: int):
+        self.micro, self.dp_size, self.dp_rank = micro_batch, dp_size, dp_rank
+
+    def batch(self, step: int, micro: int):
+        gen = torch.Generator().manual_seed(1000 + step)
+        base = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=gen)
+        ids = (base + torch.arange(SEQ + 1) * (1 + base % 3)) % VOCAB
+        per_rank = GLOBAL_BATCH // self.dp_size
+        start = self.dp_rank * per_rank + micro * self.micro
+        rows = ids[start:start + self.micro]
+        return rows[:, :-1], rows[:, 1:]
+
+
+class StopBefore(Callback):
+    """Ends the run before step ``step`` (a preemption after the last checkpoint was registered)."""
+
+    class Stopped(Exception):
+        pass
+
+    def __init__(self, step: int, writer: checkpointing.CheckpointWriter):
+        self.step, self.writer = step, writer
+
+    def pre_step(self, trainer: Trainer) -> None:
+        if trainer.global_step == self.step:
+            self.writer.poll_and_register(final=True)
+            raise self.Stopped
+
+
+def run_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...], stop_before: int | None) -> dict:
+    cfg = _config(*extra)
+    seed_everything(cfg.train.seed)
+    val = [Batches(2, world, rank).batch(10_000, 0)]
+    trainer = Trainer(cfg, Batches(cfg.train.micro_batch_size, world, rank), val)
+    fs = pafs.LocalFileSystem()
+    registry = checkpointing.LocalRegistry(fs, run_dir, rank, keep=cfg.train.keep_checkpoints)
+    writer = checkpointing.CheckpointWriter(
+        fs, run_dir, rank, signature=math_signature(cfg), world_size=world, ep=cfg.train.ep, registry=registry,
+        reshard=checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here))
+    restored = callbacks.restore_latest(trainer, writer)
+    logged: list[tuple[int, dict]] = []
+    trainer.callbacks = callbacks.standard_callbacks(trainer, writer, peak_flops=1e12,
+                                                     log=lambda step, m: logged.append((step, dict(m))))
+    if stop_before is not None:
+        trainer.callbacks.insert(0, StopBefore(stop_before, writer))
+    stopped = False
+    try:
+        trainer.fit()
+    except StopBefore.Stopped:
+        stopped = True
+    return {"state": checkpointing.snapshot(trainer.state_dict()), "logged": logged, "stopped": stopped,
+            "restored_step": None if restored is None else restored["step"], "registered": registry.registered,
+            "ns_dtype": trainer.optimizer.ns_dtype}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, entry in a["optimizer"]["state"].items():
+        for key, value in entry.items():
+            other = b["optimizer"]["state"][name][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return run_workers(run_rank, 2, str(tmp_path_factory.mktemp("straight")), (), None)
+
+
+def test_fit_logs_validates_and_registers_checkpoints(uninterrupted, tmp_path_factory):
+    rank0, rank1 = uninterrupted
+    assert rank0["state"]["step"] == rank1["state"]["step"] == STEPS and rank0["restored_step"] is None
+    steps = [step for step, _ in rank0["logged"]]
+    assert steps == [2, 4, 6, 8], "a log every train.log_every steps"
+    by_step = dict(rank0["logged"])
+    assert all("val/loss" in by_step[s] for s in (4, 8)) and all("val/loss" not in by_step[s] for s in (2, 6))
+    # The validation loss is one number for the whole run: every rank logged the same.
+    assert by_step[8]["val/loss"] == dict(rank1["logged"])[8]["val/loss"]
+    first, last = by_step[2]["train/loss"], by_step[8]["train/loss"]
+    assert last < first < math.log(VOCAB) + 0.5, (first, last)
+    assert by_step[8]["train/skipped_steps"] == 0 and by_step[8]["attn/max_logit"] > 0
+    # Checkpoints at steps 4 and 8 were registered by both ranks; the pointer names the last.
+    for rank in (rank0, rank1):
+        assert [p.rsplit("/", 1)[1] for p in rank["registered"]] == ["checkpoint-step00000004",
+                                                                     "checkpoint-step00000008"]
+
+
+def test_a_stopped_run_resumes_bit_for_bit(uninterrupted, tmp_path):
+    run_dir = str(tmp_path)
+    first = run_workers(run_rank, 2, run_dir, (), 6)
+    assert all(r["stopped"] and r["state"]["step"] == 6 for r in first)
+    resumed = run_workers(run_rank, 2, run_dir, (), None)
+    for rank, result in enumerate(resumed):
+        assert result["restored_step"] == 4, "the latest registered checkpoint is step 4"
+        _assert_same_state(result["state"], uninterrupted[rank]["state"])
+    # Steps replayed after the restore are logged again by this process (the MLflow sink drops them).
+    assert [s for s, _ in resumed[0]["logged"]] == [6, 8]
+
+
+def test_non_finite_steps_restore_the_latest_checkpoint(uninterrupted, tmp_path):
+    results = run_workers(run_rank, 2, str(tmp_path), ("train.nan_injection=1:5:3", "train.max_bad_steps=3"), None)
+    for rank, result in enumerate(results):
+        assert result["state"]["step"] == STEPS and result["state"]["skipped_total"] == 3
+        logged = dict(result["logged"])
+        assert logged[8]["train/skipped_steps"] == 3
+        # Restored at step 4 with the three poisoned steps spent, the run then trains steps 4..7 again
+        # cleanly and ends where the uninterrupted run ends.
+        _assert_same_state(result["state"], uninterrupted[rank]["state"])
