@@ -22,6 +22,11 @@ from typing import Any
 SCORE_FUNCS = ("sigmoid", "softmax")
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what would be valid. The one
+    error type of every config section (``k2pipe`` shows it without a traceback)."""
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """YaRN rope scaling as written in DeepSeek-V3 family configs (``rope_scaling`` with type ``yarn``)."""
@@ -112,7 +117,7 @@ class ModelConfig:
         def need(cond: bool, field_name: str, msg: str) -> None:
             if not cond:
                 value = getattr(self, field_name)
-                raise ValueError(f"model.{field_name}={value!r}: {msg}")
+                raise ConfigError(f"model.{field_name}={value!r}: {msg}")
 
         for name in (
             "vocab_size", "hidden_size", "num_layers", "dense_ffn_size", "expert_ffn_size", "num_experts",
@@ -147,7 +152,7 @@ class ModelConfig:
         need(self.router_bias_update_rate >= 0, "router_bias_update_rate", "must be >= 0")
         need(self.seq_aux_loss_alpha >= 0, "seq_aux_loss_alpha", "must be >= 0")
         if self.rope_scaling is not None and self.rope_scaling.factor < 1:
-            raise ValueError(f"model.rope_scaling.factor={self.rope_scaling.factor}: must be >= 1")
+            raise ConfigError(f"model.rope_scaling.factor={self.rope_scaling.factor}: must be >= 1")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -172,7 +177,7 @@ class ModelConfig:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; valid: "
+            raise ConfigError(f"unknown model config field(s) {sorted(unknown)}; valid: "
                              f"{sorted(f.name for f in dataclasses.fields(cls))}")
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
@@ -238,7 +243,7 @@ class ModelConfig:
             if key in hf:
                 return hf[key]
             if default is _MISSING:
-                raise ValueError(f"{source}: required field {key!r} is missing")
+                raise ConfigError(f"{source}: required field {key!r} is missing")
             return default
 
         # Fields the model does not implement unless they hold the value we do implement.
@@ -252,14 +257,14 @@ class ModelConfig:
         }
         for key, supported in unsupported.items():
             if key in hf and hf[key] != supported:
-                raise ValueError(
+                raise ConfigError(
                     f"{source}: field {key!r}={hf[key]!r} is not implemented (supported: {supported!r})")
         if "topk_method" in hf and hf["topk_method"] not in ("noaux_tc", "greedy"):
-            raise ValueError(f"{source}: field 'topk_method'={hf['topk_method']!r} is not implemented "
+            raise ConfigError(f"{source}: field 'topk_method'={hf['topk_method']!r} is not implemented "
                              "(supported: 'noaux_tc', or 'greedy' with one group)")
         kv_heads = hf.get("num_key_value_heads", hf.get("num_attention_heads"))
         if kv_heads != hf.get("num_attention_heads"):
-            raise ValueError(f"{source}: num_key_value_heads={kv_heads!r} differs from num_attention_heads; "
+            raise ConfigError(f"{source}: num_key_value_heads={kv_heads!r} differs from num_attention_heads; "
                              "MLA has one latent per token, so the two must match")
 
         rope_scaling = None
@@ -267,12 +272,12 @@ class ModelConfig:
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
             if kind != "yarn":
-                raise ValueError(f"{source}: rope_scaling type {kind!r} is not implemented (supported: 'yarn')")
+                raise ConfigError(f"{source}: rope_scaling type {kind!r} is not implemented (supported: 'yarn')")
             known = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
                      "beta_slow", "mscale", "mscale_all_dim"}
             extra = set(rs) - known
             if extra:
-                raise ValueError(f"{source}: rope_scaling field(s) {sorted(extra)} are not implemented")
+                raise ConfigError(f"{source}: rope_scaling field(s) {sorted(extra)} are not implemented")
             rope_scaling = RopeScaling(**{k: v for k, v in rs.items() if k not in ("type", "rope_type")})
 
         return cls(
@@ -352,7 +357,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset_config(name: str, **overrides: Any) -> ModelConfig:
     """The named preset, with field overrides applied before validation."""
     if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r}: unknown preset; valid: {sorted(PRESETS)}")
+        raise ConfigError(f"model.preset={name!r}: unknown preset; valid: {sorted(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], "preset": name, **overrides})
 
 
@@ -486,7 +491,7 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
-                raise ValueError(f"optimizer.{name}={getattr(self, name)!r}: {msg}")
+                raise ConfigError(f"optimizer.{name}={getattr(self, name)!r}: {msg}")
 
         need(self.name in OPTIMIZERS, "name", f"must be one of {OPTIMIZERS}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -21,11 +21,26 @@ from typing import Any
 
 import yaml
 
-from k2model.config import PRESETS, ModelConfig, OptimizerConfig, RopeScaling, preset_config
+from k2model.config import PRESETS, ConfigError, ModelConfig, OptimizerConfig, RopeScaling, preset_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BAD_RECORD_POLICIES = ("skip", "fail")
 SCHEDULES = ("wsd", "cosine", "constant")
+MIN_TOKENIZER_VOCAB = 256 + 3
+"""The smallest vocabulary of the byte-level BPE tokenizer: 256 byte symbols and 3 special tokens."""
+
+__all__ = ["ConfigError", "DataConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
+           "config_from_dict", "load_config"]
+
+
+def _checker(section: str, obj: Any):
+    """``need(condition, field, message)``: a ConfigError naming ``section.field``, its value and ``message``."""
+
+    def need(condition: bool, name: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: {message}")
+
+    return need
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,26 @@ class DataConfig:
     """Rows (windows) per parquet shard."""
     num_workers: int = 2
     """Tokenizer actors in the Ray Data pool."""
+
+    def __post_init__(self) -> None:
+        need = _checker("data", self)
+        need(self.on_bad_record in BAD_RECORD_POLICIES, "on_bad_record", f"expected one of {list(BAD_RECORD_POLICIES)}")
+        need(self.max_docs is None or self.max_docs >= 1, "max_docs",
+             "expected a positive integer or null (all documents)")
+        need(self.min_doc_chars >= 0, "min_doc_chars", "expected >= 0")
+        need(self.max_doc_bytes >= 1, "max_doc_bytes", "expected >= 1")
+        need(0.0 <= self.val_fraction < 1.0, "val_fraction", "expected a number in [0, 1)")
+        need(bool(self.text_field), "text_field", "empty: name the field holding the text, e.g. 'text'")
+        need(self.seq_len >= 2, "seq_len", "expected >= 2")
+        need(self.vocab_size >= MIN_TOKENIZER_VOCAB, "vocab_size",
+             f"a byte-level BPE needs at least {MIN_TOKENIZER_VOCAB} tokens (256 bytes + 3 special tokens)")
+        need(self.tokenizer is not None or self.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes",
+             "expected >= 1")
+        need(self.windows_per_shard >= 1, "windows_per_shard", "expected >= 1")
+        need(self.num_workers >= 1, "num_workers", "expected >= 1")
+        need(self.windows_per_shard * (self.seq_len + 1) < 2**31, "windows_per_shard",
+             f"windows_per_shard * (seq_len + 1) = {self.windows_per_shard * (self.seq_len + 1)} tokens per "
+             "shard exceeds 2**31")
 
 
 @dataclass(frozen=True)
@@ -111,11 +146,40 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs each Ray Train worker reserves (fractions keep a 2-core machine from deadlocking)."""
 
+    def __post_init__(self) -> None:
+        need = _checker("train", self)
+        for name in ("num_workers", "ep", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
+                     "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("checkpoint_every", "eval_every", "max_failures", "warmup_steps"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        need(self.num_workers % self.ep == 0, "ep", f"must divide train.num_workers={self.num_workers}")
+        per_step = self.micro_batch_size * self.num_workers
+        need(self.global_batch_size % per_step == 0, "global_batch_size",
+             f"must be a multiple of train.micro_batch_size * train.num_workers = {per_step}")
+        need(self.nan_injection is None or re.fullmatch(r"\d+:\d+(:\d+)?", self.nan_injection) is not None,
+             "nan_injection", "expected 'rank:step' or 'rank:step:count'")
+        need(self.fault_injection is None or re.fullmatch(r"\d+:\d+", self.fault_injection) is not None,
+             "fault_injection", "expected 'rank:step', e.g. '1:20'")
+        from k2model.schedule import validate_schedule
+
+        try:
+            validate_schedule(self.steps, self.schedule, self.warmup_steps, self.decay_fraction, self.min_lr_ratio)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
 
 @dataclass(frozen=True)
 class StorageConfig:
     root: str = "./k2runs"
     """Local folder or ``s3://bucket/prefix``; stages under ``stages/``, runs under ``runs/``."""
+
+    def __post_init__(self) -> None:
+        _checker("storage", self)(bool(self.root and self.root.strip()), "root",
+                                  "empty: give a local folder or s3://bucket/prefix")
 
 
 @dataclass(frozen=True)
@@ -126,6 +190,9 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Log to MLflow at all."""
+
+    def __post_init__(self) -> None:
+        _checker("tracking", self)(bool(self.experiment), "experiment", "empty: name the MLflow experiment")
 
 
 @dataclass(frozen=True)
@@ -163,48 +230,15 @@ class RunConfig:
         return f"{self.model.preset or 'custom'}-{config_hash(self.to_dict())[:8]}"
 
     def validate(self) -> None:
-        """Cross-section checks (each section validates itself on construction)."""
+        """Checks across sections (each section checks its own fields when it is built)."""
         m, d, t = self.model, self.data, self.train
         if m.vocab_size != d.vocab_size:
-            raise ValueError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size={d.vocab_size}: "
-                             "the tokenizer's vocabulary must equal the model's")
+            raise ConfigError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size={d.vocab_size}: "
+                              "the tokenizer's vocabulary must equal the model's")
         if d.seq_len > m.max_seq_len:
-            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        if t.num_workers % t.ep:
-            raise ValueError(f"train.ep={t.ep} must divide train.num_workers={t.num_workers}")
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if m.num_experts % t.ep:
-            raise ValueError(f"train.ep={t.ep} must divide model.num_experts={m.num_experts}")
-        per_step = t.micro_batch_size * t.num_workers
-        if t.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size * train.num_workers = {per_step}")
-        from k2model.schedule import validate_schedule
-
-        validate_schedule(t.steps, t.schedule, t.warmup_steps, t.decay_fraction, t.min_lr_ratio)
-        for name in ("num_workers", "micro_batch_size", "global_batch_size", "threads_per_worker", "eval_batches",
-                     "shuffle_shards"):
-            if getattr(t, name) < 1:
-                raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
-        for name in ("checkpoint_every", "eval_every", "max_failures"):
-            if getattr(t, name) < 0:
-                raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 0")
-        if t.keep_checkpoints < 1:
-            raise ValueError(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
-        if t.log_every < 1:
-            raise ValueError(f"train.log_every={t.log_every}: must be >= 1")
-        if t.cpus_per_worker <= 0:
-            raise ValueError(f"train.cpus_per_worker={t.cpus_per_worker}: must be > 0")
-        if d.on_bad_record not in BAD_RECORD_POLICIES:
-            raise ValueError(f"data.on_bad_record={d.on_bad_record!r}: must be one of {BAD_RECORD_POLICIES}")
-        if d.seq_len < 2 or d.vocab_size < 8:
-            raise ValueError(f"data.seq_len={d.seq_len} / data.vocab_size={d.vocab_size}: too small")
-        if not 0 <= d.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={d.val_fraction}: must lie in [0, 1)")
-        if t.nan_injection is not None and not re.fullmatch(r"\d+:\d+(:\d+)?", t.nan_injection):
-            raise ValueError(f"train.nan_injection={t.nan_injection!r}: expected 'rank:step' or 'rank:step:count'")
-        if t.fault_injection is not None and not re.fullmatch(r"\d+:\d+", t.fault_injection):
-            raise ValueError(f"train.fault_injection={t.fault_injection!r}: expected 'rank:step', e.g. '1:20'")
+            raise ConfigError(f"train.ep={t.ep} must divide model.num_experts={m.num_experts}")
 
 
 SECTIONS: dict[str, type] = {
@@ -233,7 +267,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 return _coerce(key, value, arg)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{key}={value!r}: invalid value")
+        raise ConfigError(errors[0] if errors else f"{key}={value!r}: invalid value")
     if annotation is RopeScaling:
         if isinstance(value, str):
             value = _yaml_value(key, value)
@@ -241,14 +275,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if isinstance(value, dict):
             return RopeScaling(**value)
-        raise ValueError(f"{key}={value!r}: expected a mapping of YaRN fields")
+        raise ConfigError(f"{key}={value!r}: expected a mapping of YaRN fields")
     if origin is tuple:
         if isinstance(value, str) and value.strip().startswith("["):
             value = _yaml_value(key, value)
         elif isinstance(value, str):
             value = [v for v in (x.strip() for x in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r}: expected a list")
+            raise ConfigError(f"{key}={value!r}: expected a list")
         return tuple(str(v) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
@@ -257,29 +291,29 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{key}={value!r}: expected true or false")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
     if annotation is int:
         if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r}: expected an integer")
+            raise ConfigError(f"{key}={value!r}: expected an integer")
         if isinstance(value, int):
             return value
         try:
             f = float(str(value).replace("_", ""))
         except ValueError:
-            raise ValueError(f"{key}={value!r}: expected an integer") from None
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
         if f != int(f):
-            raise ValueError(f"{key}={value!r}: expected an integer")
+            raise ConfigError(f"{key}={value!r}: expected an integer")
         return int(f)
     if annotation is float:
         if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r}: expected a number")
+            raise ConfigError(f"{key}={value!r}: expected a number")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r}: expected a number") from None
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
     if annotation is str:
         if isinstance(value, (dict, list)):
-            raise ValueError(f"{key}={value!r}: expected a string")
+            raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     return value
 
@@ -288,7 +322,7 @@ def _yaml_value(key: str, raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise ValueError(f"{key}={raw!r}: not a valid YAML value") from None
+        raise ConfigError(f"{key}={raw!r}: not a valid YAML value") from None
 
 
 def _section_fields(cls: type) -> dict[str, Any]:
@@ -303,7 +337,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.steps=200")
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=200")
         key, raw = item.split("=", 1)
         out[key.strip()] = raw
     return out
@@ -316,31 +350,31 @@ def resolve_config_path(config: str | None) -> Path | None:
     p = Path(config)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
-            raise ValueError(f"config file {config!r} does not exist")
+            raise ConfigError(f"config file {config!r} does not exist")
         return p
     bundled = CONFIG_DIR / f"{config}.yaml"
     if bundled.exists():
         return bundled
     names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise ValueError(f"config {config!r} is neither a YAML file nor a bundled config; bundled: {names}")
+    raise ConfigError(f"config {config!r} is neither a YAML file nor a bundled config; bundled: {names}")
 
 
 def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise ValueError(f"{source}: expected a mapping of sections, got {type(doc).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(doc).__name__}")
     flat: dict[str, Any] = {}
     for section, body in doc.items():
         if section == "name":
             flat["name"] = body
             continue
         if section not in SECTIONS:
-            raise ValueError(f"{source}: unknown section {section!r}; valid: {sorted(SECTIONS)} and 'name'")
+            raise ConfigError(f"{source}: unknown section {section!r}; valid: {sorted(SECTIONS)} and 'name'")
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ValueError(f"{source}: section {section!r} must be a mapping")
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
         for key, value in body.items():
             flat[f"{section}.{key}"] = value
     return flat
@@ -356,7 +390,7 @@ def load_config(config: str | None = None, overrides: list[str] | dict[str, Any]
         try:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         flat.update(_flatten_yaml(doc, str(path)))
     flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if run_name is not None:
@@ -372,7 +406,7 @@ def build_config(flat: dict[str, Any]) -> RunConfig:
             continue
         section, _, field_name = key.partition(".")
         if section not in SECTIONS or not field_name:
-            raise ValueError(f"unknown config key {key!r}; keys look like section.field with section one of "
+            raise ConfigError(f"unknown config key {key!r}; keys look like section.field with section one of "
                              f"{sorted(SECTIONS)}")
         by_section[section][field_name] = value
 
@@ -383,19 +417,19 @@ def build_config(flat: dict[str, Any]) -> RunConfig:
         if section == "model":
             preset = values.pop("preset", "tiny")
             if preset is not None and preset not in PRESETS:
-                raise ValueError(f"model.preset={preset!r}: unknown preset; valid: {sorted(PRESETS)}")
+                raise ConfigError(f"model.preset={preset!r}: unknown preset; valid: {sorted(PRESETS)}")
             base = dict(PRESETS[preset], preset=preset) if preset else {}
         else:
             base = {}
         for key, value in values.items():
             if key not in fields:
-                raise ValueError(f"unknown config key '{section}.{key}'; valid keys in {section}: "
+                raise ConfigError(f"unknown config key '{section}.{key}'; valid keys in {section}: "
                                  f"{sorted(fields)}")
             base[key] = _coerce(f"{section}.{key}", value, fields[key])
         try:
             built[section] = cls(**base)
         except TypeError as e:
-            raise ValueError(f"section {section!r}: {e}") from None
+            raise ConfigError(f"section {section!r}: {e}") from None
     cfg = RunConfig(name=str(name) if name else None, **built)
     cfg.validate()
     return cfg

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 from pipelines import storage, tracking
 from pipelines.config import RunConfig
+from pipelines.console import quiet_ray_logging, verbose
 
 STAGES = ("ingest", "tokenizer", "shard", "pretrain", "evaluate", "export")
 UPSTREAM = {"ingest": (), "tokenizer": ("ingest",), "shard": ("ingest", "tokenizer"), "pretrain": ("shard",),
@@ -54,6 +56,8 @@ class PipelineResult:
     tracking_uri: str | None
     parent_run_id: str | None
     stages: dict[str, StageResult]
+    stage_outputs: dict[str, Any] = field(default_factory=dict)
+    """Each stage's own output object (``IngestOutput``, ``ShardManifest``, ``PretrainOutputs``, ...)."""
 
     def summary(self) -> str:
         lines = [f"k2pipe run '{self.run_name}'  (storage: {self.storage_root})"]
@@ -226,6 +230,7 @@ STAGE_FUNCTIONS = {"ingest": _stage_ingest, "tokenizer": _stage_tokenizer, "shar
 def run_stage(name: str, cfg: RunConfig, force: bool, record: dict[str, Any] | None, *upstream: Any
               ) -> tuple[Any, StageResult]:
     """Body of one stage task: run (or reuse) the stage and log it to its MLflow run."""
+    quiet_ray_logging()  # this task's process: Ray Data's progress bars and INFO lines
     inputs = {up: out for up, (out, _) in zip(UPSTREAM[name], upstream)}
     started = time.time()
     kwargs = {"tracking_record": record} if name == "pretrain" else {}
@@ -291,14 +296,17 @@ def init_ray(cfg: RunConfig, ray_address: str | None = None) -> None:
         # (and Ray's error message would print the job's environment).
         ray.init(address=ray_address, log_to_driver=True)
         return
-    env_vars = {"PYTHONUNBUFFERED": "1"}
+    from pipelines.console import ray_logging_env
+
+    env_vars = {"PYTHONUNBUFFERED": "1", **ray_logging_env()}
     cores = os.cpu_count() or 2
     # Logical CPUs: enough for the Ray Train workers, the tokenizer pool and the reads at once, so a
     # 2-core machine never deadlocks on CPU reservations (the OS shares the real cores).
     wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.num_workers + 2
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
     ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, log_to_driver=True)
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, log_to_driver=True,
+             logging_level=logging.INFO if verbose() else logging.WARNING)
 
 
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
@@ -327,10 +335,11 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
         refs[name] = task.options(name=f"k2pipe-{name}").remote(
             name, cfg, name in force or i >= rerun_from, record, *upstream)
     results: dict[str, StageResult] = {}
+    outputs: dict[str, Any] = {}
     failure: BaseException | None = None
     for name, ref in refs.items():
         try:
-            _, results[name] = ray.get(ref)
+            outputs[name], results[name] = ray.get(ref)
         except Exception as e:  # the first failing stage decides; later ones fail with it
             failure = failure or e
             results[name] = StageResult(name=name, status="failed")
@@ -340,7 +349,8 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
         tracking.retry(lambda: c.set_terminated(record["parent_run_id"], status=status))
     pipeline = PipelineResult(run_name=cfg.run_name, storage_root=root,
                               tracking_uri=record["tracking_uri"] if record else None,
-                              parent_run_id=record["parent_run_id"] if record else None, stages=results)
+                              parent_run_id=record["parent_run_id"] if record else None, stages=results,
+                              stage_outputs=outputs)
     if failure is not None:
         raise PipelineError(pipeline, failure)
     return pipeline
@@ -348,6 +358,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
 
 class PipelineError(RuntimeError):
     def __init__(self, result: PipelineResult, cause: BaseException):
+        cause = getattr(cause, "cause", None) or cause  # a stage task's own exception, not Ray's wrapper
         cause_text = str(cause).strip().splitlines()
         super().__init__(cause_text[-1] if cause_text else type(cause).__name__)
         self.result = result

@@ -1,51 +1,31 @@
 """The ``k2pipe`` command: a thin layer over pipelines/ and k2model/.
 
-Exit codes: 0 success; 1 the work failed (a stage or a job); 2 bad usage or an invalid config
-(nothing was started); 130 interrupted.
+Exit codes (``ray_jobs.common``): 0 success; 1 the work failed (a stage or a job); 2 bad usage or an
+invalid config (nothing was started); 130 interrupted. Errors are a few lines naming the file, key or
+value; ``--debug`` (or ``K2PIPE_DEBUG=1``) adds the traceback. Ray's INFO logging is off unless
+``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(Exception):
-    """A user mistake found before any work started (exit code 2)."""
-
-
-# ---------------------------------------------------------------------- shared options
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="run config: a YAML file or a bundled name (ci, demo); default: demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set train.steps=200 (repeatable)")
-    p.add_argument("--preset", help="shorthand for --set model.preset=NAME")
-    p.add_argument("--run-name", help="name of the run (storage prefix, Ray Train run, MLflow parent run)")
-    p.add_argument("--storage", help="storage root: a local folder or s3://bucket/prefix "
-                                     "(shorthand for --set storage.root=URI)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (shorthand for --set tracking.uri=URI)")
-
-
-def _load_config(args: argparse.Namespace, default_config: str | None = "demo"):
-    from pipelines.config import load_config
-
-    overrides = list(args.overrides)
-    if getattr(args, "preset", None):
-        overrides.append(f"model.preset={args.preset}")
-    if getattr(args, "storage", None):
-        overrides.append(f"storage.root={args.storage}")
-    if getattr(args, "tracking_uri", None):
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    config = args.config if args.config is not None else default_config
-    try:
-        return load_config(config, overrides, run_name=getattr(args, "run_name", None))
-    except ValueError as e:
-        raise UsageError(f"invalid config: {e}") from None
+from ray_jobs.common import (
+    DEBUG_ENV,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_config_args,
+    add_stage_args,
+    load_run_config,
+    report_error,
+)
 
 
 # ---------------------------------------------------------------------- params
@@ -82,41 +62,56 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- data
-def cmd_data(args: argparse.Namespace) -> int:
-    from pipelines.data.packed import run_data_stages
-
-    cfg = _load_config(args)
-    outputs = run_data_stages(cfg, force=args.force)
-    print(json.dumps(outputs.summary() if hasattr(outputs, "summary") else str(outputs), indent=2, default=str))
-    return EXIT_OK
 
 
-# ---------------------------------------------------------------------- run
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.dag import PipelineError, run_pipeline, select_stages
+# ---------------------------------------------------------------------- run and data
+def _run_dag(args: argparse.Namespace, from_stage: str | None, until: str | None):
+    """The DAG for the parsed flags; returns (result or None, exit code)."""
+    from pipelines.dag import STAGES, PipelineError, run_pipeline, select_stages
 
-    cfg = _load_config(args)
+    cfg = load_run_config(args)
     try:
-        select_stages(args.from_stage, args.until)
+        select_stages(from_stage, until)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    unknown = [name for name in args.force if name not in STAGES]
+    if unknown:
+        raise UsageError(f"--force {unknown[0]!r}: unknown stage; valid: {', '.join(STAGES)}")
     try:
-        result = run_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=tuple(args.force),
-                              ray_address=args.ray_address)
+        result = run_pipeline(cfg, from_stage=from_stage, until=until, force=tuple(args.force),
+                              ray_address=getattr(args, "ray_address", None))
     except PipelineError as e:
         print(e.result.summary(), file=sys.stderr)
-        print(f"k2pipe: pipeline failed: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    print(result.summary())
-    return EXIT_OK
+        report_error("k2pipe: pipeline failed", e)
+        return None, EXIT_FAILED
+    return result, EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    result, code = _run_dag(args, args.from_stage, args.until)
+    if result is not None:
+        print(result.summary())
+    return code
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """The DAG up to and including the shard stage, then the data summary."""
+    from pipelines.data.packed import DataOutputs, format_summary
+
+    result, code = _run_dag(args, None, "shard")
+    if result is not None:
+        outputs = DataOutputs(*(result.stage_outputs[name] for name in ("ingest", "tokenizer", "shard")))
+        print(format_summary(outputs))
+        print(json.dumps(outputs.summary(), indent=2, default=str))
+    return code
 
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="k2pipe", description="Pretrain Kimi-K2-style MoE models with MuonClip on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--verbose", action="store_true", help="keep Ray's INFO logging and progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="count total and active parameters of a preset or a config.json")
@@ -127,36 +122,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("run", help="run the whole pipeline DAG (embedded local Ray unless --ray-address)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--ray-address", help="address of a running Ray cluster (default: start an embedded one)")
-    p.add_argument("--from", dest="from_stage", help="rerun from this stage (earlier stages are reused)")
-    p.add_argument("--until", help="stop after this stage")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage")
+    add_stage_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("data", help="run the data stages alone (ingest, tokenizer, shard)")
-    _add_config_args(p)
-    p.add_argument("--force", action="store_true", help="recompute even complete stages")
+    p = sub.add_parser("data", help="run the data stages alone (the DAG until shard: ingest, tokenizer, shard)")
+    add_config_args(p)
+    p.add_argument("--ray-address", help="address of a running Ray cluster (default: start an embedded one)")
+    add_stage_args(p, with_from=False)
     p.set_defaults(func=cmd_data)
 
     # Job submission to a Ray cluster and run comparison (ray_jobs/submit.py, ray_jobs/compare.py).
     from ray_jobs.compare import add_compare_command
     from ray_jobs.submit import add_job_commands
 
-    add_job_commands(sub, _add_config_args)
+    add_job_commands(sub, add_config_args)
     add_compare_command(sub)
-
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from pipelines.config import ConfigError
+    from pipelines.console import VERBOSE_ENV, quiet_ray_logging
+    from pipelines.storage import DataError
+
+    args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_ray_logging()
     try:
         return args.func(args)
     except UsageError as e:
         print(f"k2pipe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (ConfigError, DataError) as e:  # a bad value or input file, found before the work it would spoil
+        report_error("k2pipe: error", e)
+        return EXIT_USAGE
+    except OSError as e:  # storage: a missing object, access denied, S3 unreachable after retries
+        report_error("k2pipe: storage error", e)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("k2pipe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.cli import EXIT_OK, UsageError
+from ray_jobs.common import EXIT_OK, UsageError
 
 KEY_PARAMS = ("model.preset", "train.steps", "train.lr", "optimizer.name", "train.global_batch_size")
 PIPELINE_FILTER = "tags.`k2pipe.kind` = 'pipeline'"

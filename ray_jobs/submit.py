@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ray_jobs.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, _load_config
+from ray_jobs.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, load_run_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "K2PIPE_RUN_CONFIG"
@@ -373,7 +373,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.dag import select_stages
 
     address = resolve_address(args.address)
-    cfg = _load_config(args)
+    cfg = load_run_config(args)
     try:
         select_stages(args.from_stage, args.until)
     except ValueError as e:

@@ -48,16 +48,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.config import DataConfig, RunConfig
+from pipelines.config import RunConfig
 from pipelines.stages import ingest as ingest_stage
-from pipelines.stages import pack as shard_stage
-from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.stages.ingest import IngestOutput, exit_on_data_error, run_ingest
 from pipelines.stages.pack import ShardManifest, read_manifest, run_shard
 from pipelines.stages.tokenizer import TokenizerOutput, load_tokenizer, run_tokenizer
 from pipelines.storage import DataError
 
-__all__ = ["DataError", "DataOutputs", "ShardManifest", "check_data_config", "format_summary", "iter_windows",
+__all__ = ["DataError", "DataOutputs", "ShardManifest", "format_summary", "iter_windows",
            "load_tokenizer", "read_manifest", "read_windows", "run_data_stages"]
 
 
@@ -89,16 +87,8 @@ class DataOutputs:
         }
 
 
-def check_data_config(data: DataConfig) -> None:
-    """Every data-stage setting checked up front, before any stage or cluster time is spent."""
-    ingest_stage.check_config(data)
-    tokenizer_stage.check_config(data)
-    shard_stage.check_config(data)
-
-
 def run_data_stages(cfg: RunConfig, force: bool = False) -> DataOutputs:
     """Ingest, tokenizer and shard stages for ``cfg``; ``force`` recomputes all three."""
-    check_data_config(cfg.data)
     root = cfg.storage.root
     ingest = run_ingest(cfg.data, root, force=force)
     tokenizer = run_tokenizer(cfg.data, ingest, root, force=force)

@@ -61,7 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.config import BAD_RECORD_POLICIES, DataConfig
+from pipelines.config import DataConfig
 from pipelines.storage import DataError
 
 logger = logging.getLogger(__name__)
@@ -128,23 +128,6 @@ def ordered_execution() -> Iterator[None]:
         yield
     finally:
         ctx.execution_options.preserve_order = saved
-
-
-def check_config(data: DataConfig) -> None:
-    """Reject ingest settings that cannot work, before any cluster time is spent."""
-    if data.on_bad_record not in BAD_RECORD_POLICIES:
-        raise DataError(f"data.on_bad_record={data.on_bad_record!r}: expected one of "
-                        f"{list(BAD_RECORD_POLICIES)}")
-    if data.max_docs is not None and data.max_docs < 1:
-        raise DataError(f"data.max_docs={data.max_docs}: expected a positive integer or null (all documents)")
-    if data.min_doc_chars < 0:
-        raise DataError(f"data.min_doc_chars={data.min_doc_chars}: expected >= 0")
-    if data.max_doc_bytes < 1:
-        raise DataError(f"data.max_doc_bytes={data.max_doc_bytes}: expected >= 1")
-    if not 0.0 <= data.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={data.val_fraction}: expected a number in [0, 1)")
-    if not data.text_field:
-        raise DataError("data.text_field is empty: name the field holding the text, e.g. 'text'")
 
 
 def stage_cli(description: str, argv: list[str] | None = None) -> tuple[Any, bool]:
@@ -706,7 +689,6 @@ class _Consumer:
 
 def run_ingest(data: DataConfig, storage_root: str, force: bool = False) -> IngestOutput:
     """Read, clean, deduplicate and split the corpus; reuse a complete earlier run with the same inputs."""
-    check_config(data)
     t0 = time.perf_counter()
     corpus, listed = list_corpus(data)
     fp = ingest_fingerprint(data, corpus, listed)

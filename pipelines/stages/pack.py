@@ -134,18 +134,6 @@ def read_manifest(shard_stage_uri: str) -> ShardManifest:
     return ShardManifest.from_dict(payload, uri)
 
 
-def check_config(data: DataConfig) -> None:
-    if data.seq_len < 1:
-        raise DataError(f"data.seq_len={data.seq_len}: expected >= 1")
-    if data.windows_per_shard < 1:
-        raise DataError(f"data.windows_per_shard={data.windows_per_shard}: expected >= 1")
-    if data.num_workers < 1:
-        raise DataError(f"data.num_workers={data.num_workers}: expected >= 1")
-    if data.windows_per_shard * (data.seq_len + 1) >= 2**31:
-        raise DataError(f"data.windows_per_shard * (data.seq_len + 1) = "
-                        f"{data.windows_per_shard * (data.seq_len + 1)} tokens per shard exceeds 2**31")
-
-
 def content_hash(data: DataConfig) -> str:
     """Hash of every data setting that can change the shards' content (not the worker count)."""
     fields = dataclasses.asdict(data)
@@ -258,7 +246,6 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
     import ray
     import ray.data
 
-    check_config(data)
     if tokenizer.vocab_size != data.vocab_size:
         raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but data.vocab_size="
                         f"{data.vocab_size}")

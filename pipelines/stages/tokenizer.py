@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.config import DataConfig
+from pipelines.config import MIN_TOKENIZER_VOCAB, DataConfig
 from pipelines.stages.ingest import IngestOutput, exit_on_data_error, stage_cli
 from pipelines.storage import DataError
 
@@ -42,7 +42,7 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 NUM_BYTE_SYMBOLS = 256
-MIN_VOCAB_SIZE = NUM_BYTE_SYMBOLS + len(SPECIAL_TOKENS)
+assert NUM_BYTE_SYMBOLS + len(SPECIAL_TOKENS) == MIN_TOKENIZER_VOCAB, "data.vocab_size's lower bound (pipelines.config)"
 
 
 def one_thread_per_process() -> None:
@@ -143,14 +143,6 @@ class TokenizerOutput:
         return cls(uri=uri, reused=reused, **{k: v for k, v in d.items() if k in names})
 
 
-def check_config(data: DataConfig) -> None:
-    if data.vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"data.vocab_size={data.vocab_size}: a byte-level BPE needs at least "
-                        f"{MIN_VOCAB_SIZE} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    if data.tokenizer is None and data.tokenizer_sample_bytes < 1:
-        raise DataError(f"data.tokenizer_sample_bytes={data.tokenizer_sample_bytes}: expected >= 1")
-
-
 def sample_texts(ingest: IngestOutput, sample_bytes: int) -> Iterator[str]:
     """Train documents at an even stride over the split, about ``sample_bytes`` of UTF-8 in all."""
     total = ingest.stats.bytes["train"]
@@ -194,7 +186,6 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
                   force: bool = False) -> TokenizerOutput:
     """Train (on ``ingest``'s train split) or adopt (``data.tokenizer``) the tokenizer; reuse a complete
     earlier run with the same inputs."""
-    check_config(data)
     t0 = time.perf_counter()
     given: bytes | None = None
     if data.tokenizer is not None:

@@ -22,9 +22,8 @@ import ray.data
 import zstandard
 
 from pipelines import storage
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.data.packed import (
-    check_data_config,
     format_summary,
     iter_windows,
     read_manifest,
@@ -484,8 +483,8 @@ def test_given_tokenizer_is_checked(local_run, tmp_path):
 def test_config_errors_before_any_work(key, value, message):
     from pipelines.config import DataConfig
 
-    with pytest.raises(DataError, match=message):
-        check_data_config(dataclasses.replace(DataConfig(), **{key: value}))
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(DataConfig(), **{key: value})
 
 
 def test_line_reader_matches_split_for_any_chunking(monkeypatch):

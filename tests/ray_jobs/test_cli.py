@@ -1,0 +1,44 @@
+"""The ``k2pipe`` command as a user meets it: a bad input file under ``data.on_bad_record=fail`` and a bad
+config value end in a few lines naming the file or key, with the documented exit code and no traceback
+(``--debug`` shows it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def k2pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_data_with_a_bad_record_and_fail_names_the_line_without_a_traceback(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "a document that is long enough to keep"}\n{not json\n')
+    done = k2pipe("data", "ci", "--storage", str(tmp_path / "store"), "--set", f"data.corpus={corpus}",
+                  "--set", "data.on_bad_record=fail", "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert f"{corpus}/a.jsonl: line 2: invalid json" in done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    # Nothing half-written is marked complete.
+    assert not list((tmp_path / "store").rglob("_COMPLETE.json"))
+
+
+def test_a_bad_config_value_is_one_line_and_exit_2(tmp_path):
+    done = k2pipe("run", "ci", "--set", "train.ep=3", "--set", "train.num_workers=2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "train.ep=3: must divide train.num_workers=2" in done.stderr
+    assert "Traceback" not in done.stderr
+    debug = k2pipe("--debug", "data", "ci", "--storage", str(tmp_path / "s"), "--set", "data.corpus=/nonexistent",
+                   "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr, debug.stderr
