@@ -83,8 +83,7 @@ class DataConfig:
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "expected a number in [0, 1)")
         need(bool(self.text_field), "text_field", "empty: name the field holding the text, e.g. 'text'")
         need(self.seq_len >= 2, "seq_len", "expected >= 2")
-        need(self.vocab_size >= MIN_TOKENIZER_VOCAB, "vocab_size",
-             f"a byte-level BPE needs at least {MIN_TOKENIZER_VOCAB} tokens (256 bytes + 3 special tokens)")
+        need(self.vocab_size >= 8, "vocab_size", "expected >= 8")
         need(self.tokenizer is not None or self.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes",
              "expected >= 1")
         need(self.windows_per_shard >= 1, "windows_per_shard", "expected >= 1")
@@ -92,6 +91,14 @@ class DataConfig:
         need(self.windows_per_shard * (self.seq_len + 1) < 2**31, "windows_per_shard",
              f"windows_per_shard * (seq_len + 1) = {self.windows_per_shard * (self.seq_len + 1)} tokens per "
              "shard exceeds 2**31")
+
+    def check_for_data_stages(self) -> None:
+        """What matters only when the data stages run (training on given shards needs none of it): a BPE
+        trained here needs ``MIN_TOKENIZER_VOCAB`` tokens."""
+        if self.tokenizer is None:
+            _checker("data", self)(self.vocab_size >= MIN_TOKENIZER_VOCAB, "vocab_size",
+                                   f"a byte-level BPE needs at least {MIN_TOKENIZER_VOCAB} tokens "
+                                   "(256 bytes + 3 special tokens)")
 
 
 @dataclass(frozen=True)

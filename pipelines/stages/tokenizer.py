@@ -186,6 +186,7 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
                   force: bool = False) -> TokenizerOutput:
     """Train (on ``ingest``'s train split) or adopt (``data.tokenizer``) the tokenizer; reuse a complete
     earlier run with the same inputs."""
+    data.check_for_data_stages()
     t0 = time.perf_counter()
     given: bytes | None = None
     if data.tokenizer is not None:

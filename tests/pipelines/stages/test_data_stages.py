@@ -484,7 +484,7 @@ def test_config_errors_before_any_work(key, value, message):
     from pipelines.config import DataConfig
 
     with pytest.raises(ConfigError, match=message):
-        dataclasses.replace(DataConfig(), **{key: value})
+        dataclasses.replace(DataConfig(), **{key: value}).check_for_data_stages()
 
 
 def test_line_reader_matches_split_for_any_chunking(monkeypatch):
