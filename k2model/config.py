@@ -16,6 +16,7 @@ published (rounded) figures being 1.04T / 32.6B.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,17 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what would be valid. The one
     error type of every config section (``k2pipe`` shows it without a traceback)."""
+
+
+def field_checker(section: str, obj: Any) -> Callable[[bool, str, str], None]:
+    """``need(condition, field, message)``: unless ``condition``, a ``ConfigError`` naming ``section.field``,
+    the field's value and ``message`` (what would be valid). Each config section checks itself with it."""
+
+    def need(condition: bool, name: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: {message}")
+
+    return need
 
 
 @dataclass(frozen=True)
@@ -114,10 +126,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def need(cond: bool, field_name: str, msg: str) -> None:
-            if not cond:
-                value = getattr(self, field_name)
-                raise ConfigError(f"model.{field_name}={value!r}: {msg}")
+        need = field_checker("model", self)
 
         for name in (
             "vocab_size", "hidden_size", "num_layers", "dense_ffn_size", "expert_ffn_size", "num_experts",
@@ -489,9 +498,7 @@ class OptimizerConfig:
     """Also clip under the AdamW baseline (for ablations)."""
 
     def __post_init__(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"optimizer.{name}={getattr(self, name)!r}: {msg}")
+        need = field_checker("optimizer", self)
 
         need(self.name in OPTIMIZERS, "name", f"must be one of {OPTIMIZERS}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")

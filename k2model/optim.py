@@ -62,6 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from k2model.config import OptimizerConfig
+from k2model.distributed import agree
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -344,10 +345,8 @@ class MuonClip(torch.optim.Optimizer):
         resolved = resolve_ns_dtype(name, device)
         if name != "auto" or not distributed:
             return resolved
-        on = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else device
-        flag = torch.tensor([resolved == "bfloat16"], dtype=torch.int32, device=on)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
-        return "bfloat16" if bool(flag.item()) else "float32"
+        everywhere = agree(int(resolved == "bfloat16"), dist.ReduceOp.MIN, process_group)
+        return "bfloat16" if everywhere else "float32"
 
     # ------------------------------------------------------------------ queries
     @property

@@ -43,7 +43,7 @@ from torch import nn
 
 from k2model.config import ModelConfig
 from k2model.dispatch import AllToAllDispatcher, ExpertDispatcher
-from k2model.distributed import ParallelLayout, collective_device
+from k2model.distributed import ParallelLayout, all_reduce_, collective_device
 from k2model.model import K2ForCausalLM, build_model
 from k2model.moe import GroupedExperts
 
@@ -251,10 +251,4 @@ def sum_expert_load(model: K2ForCausalLM, layout: ParallelLayout) -> torch.Tenso
     """Tokens routed to each expert summed over every rank, [moe_layers, E] fp64 (exact counts): the
     input of ``update_router_bias``, identical on all ranks so the biases stay identical."""
     layout._need_groups()
-    load_LE = model.expert_load().to(torch.float64)
-    if layout.world_size > 1:
-        device = load_LE.device
-        load_LE = load_LE.to(collective_device())
-        dist.all_reduce(load_LE, op=dist.ReduceOp.SUM)
-        load_LE = load_LE.to(device)
-    return load_LE
+    return all_reduce_(model.expert_load().to(torch.float64))

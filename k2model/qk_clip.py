@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from k2model.distributed import all_reduce_
 from k2model.layers import MultiHeadLatentAttention
 
 
@@ -75,9 +76,7 @@ def qk_clip(model: nn.Module, max_logits: torch.Tensor, tau: float,
     if max_logits.ndim != 2 or max_logits.shape[0] != len(attention):
         raise ValueError(f"max_logits has shape {tuple(max_logits.shape)}, "
                          f"expected [{len(attention)}, heads]")
-    S_LH = max_logits.detach().to(torch.float32, copy=True)
-    if process_group is not None or (dist.is_available() and dist.is_initialized()):
-        dist.all_reduce(S_LH, op=dist.ReduceOp.MAX, group=process_group)
+    S_LH = all_reduce_(max_logits.detach().to(torch.float32, copy=True), dist.ReduceOp.MAX, process_group)
     bad = (~torch.isfinite(S_LH)).nonzero()
     if len(bad):
         layer, head = (int(i) for i in bad[0])

@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from k2model.config import PRESETS, ConfigError, ModelConfig, OptimizerConfig, RopeScaling, preset_config
+from k2model.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    OptimizerConfig,
+    RopeScaling,
+    field_checker,
+    preset_config,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BAD_RECORD_POLICIES = ("skip", "fail")
@@ -31,16 +39,6 @@ MIN_TOKENIZER_VOCAB = 256 + 3
 
 __all__ = ["ConfigError", "DataConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
            "config_from_dict", "load_config"]
-
-
-def _checker(section: str, obj: Any):
-    """``need(condition, field, message)``: a ConfigError naming ``section.field``, its value and ``message``."""
-
-    def need(condition: bool, name: str, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: {message}")
-
-    return need
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ class DataConfig:
     """Tokenizer actors in the Ray Data pool."""
 
     def __post_init__(self) -> None:
-        need = _checker("data", self)
+        need = field_checker("data", self)
         need(self.on_bad_record in BAD_RECORD_POLICIES, "on_bad_record", f"expected one of {list(BAD_RECORD_POLICIES)}")
         need(self.max_docs is None or self.max_docs >= 1, "max_docs",
              "expected a positive integer or null (all documents)")
@@ -96,7 +94,7 @@ class DataConfig:
         """What matters only when the data stages run (training on given shards needs none of it): a BPE
         trained here needs ``MIN_TOKENIZER_VOCAB`` tokens."""
         if self.tokenizer is None:
-            _checker("data", self)(self.vocab_size >= MIN_TOKENIZER_VOCAB, "vocab_size",
+            field_checker("data", self)(self.vocab_size >= MIN_TOKENIZER_VOCAB, "vocab_size",
                                    f"a byte-level BPE needs at least {MIN_TOKENIZER_VOCAB} tokens "
                                    "(256 bytes + 3 special tokens)")
 
@@ -154,7 +152,7 @@ class TrainConfig:
     """Logical CPUs each Ray Train worker reserves (fractions keep a 2-core machine from deadlocking)."""
 
     def __post_init__(self) -> None:
-        need = _checker("train", self)
+        need = field_checker("train", self)
         for name in ("num_workers", "ep", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
@@ -185,7 +183,7 @@ class StorageConfig:
     """Local folder or ``s3://bucket/prefix``; stages under ``stages/``, runs under ``runs/``."""
 
     def __post_init__(self) -> None:
-        _checker("storage", self)(bool(self.root and self.root.strip()), "root",
+        field_checker("storage", self)(bool(self.root and self.root.strip()), "root",
                                   "empty: give a local folder or s3://bucket/prefix")
 
 
@@ -199,7 +197,7 @@ class TrackingConfig:
     """Log to MLflow at all."""
 
     def __post_init__(self) -> None:
-        _checker("tracking", self)(bool(self.experiment), "experiment", "empty: name the MLflow experiment")
+        field_checker("tracking", self)(bool(self.experiment), "experiment", "empty: name the MLflow experiment")
 
 
 @dataclass(frozen=True)

@@ -29,22 +29,20 @@ def ray_logging_env() -> dict[str, str]:
     """Environment for Ray processes (workers, actors) under the current verbosity."""
     if verbose():
         return {}
-    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_STATE_TRACKING": "0"}
+    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def quiet_ray_logging() -> None:
-    """Ray's, Ray Data's and Ray Train's INFO logging off in this process (warnings and errors stay); the
-    same for the processes Ray starts from here (through ``ray_logging_env``). A no-op when verbose."""
+    """Ray's, Ray Data's and Ray Train's INFO logging and Ray Data's progress bars off in this process
+    (warnings and errors stay), and the same for the processes Ray starts from here (through
+    ``ray_logging_env``). A no-op when verbose."""
     if verbose():
         return
     os.environ.update(ray_logging_env())
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import ray.data
+    import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-    except (ImportError, AttributeError):
-        pass
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

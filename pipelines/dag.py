@@ -314,8 +314,8 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     import ray
 
     selected = select_stages(from_stage, until)
-    if "tokenizer" in STAGES[:STAGES.index(selected[-1]) + 1]:
-        cfg.data.check_for_data_stages()  # before any cluster time is spent
+    if selected[-1] != "ingest":  # the tokenizer stage runs (or is reused): check before any cluster time
+        cfg.data.check_for_data_stages()
     for name in force:
         if name not in STAGES:
             raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")

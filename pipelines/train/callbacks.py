@@ -88,15 +88,12 @@ class DivergenceRecovery(Callback):
                 f"training diverged again at step {result.step} after restoring the latest checkpoint: "
                 f"{self.max_bad_steps} non-finite steps in a row")
         self.writer.poll_and_register(final=True)  # every rank is here: the skip decision was agreed by all
-        state = self.writer.load_latest_registered()
-        if state is None:
+        skipped = trainer.skipped_total
+        if restore_latest(trainer, self.writer) is None:
             raise NonFiniteError(f"training diverged at step {result.step} ({self.max_bad_steps} non-finite "
                                  "steps in a row) and there is no checkpoint to restore")
-        skipped = trainer.skipped_total
-        trainer.load_state_dict(state)
         trainer.skipped_total = skipped
         self.recovered = True
-        say(f"[k2pipe] restored the checkpoint of step {trainer.global_step} after non-finite steps")
 
 
 class StepMetrics(Callback):
@@ -177,11 +174,13 @@ class Checkpointing(Callback):
 
 def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any] | None:
     """Load the run's latest registered checkpoint into ``trainer`` (resharded if it was written in another
-    layout); returns the loaded state, or None for a fresh start."""
+    layout); returns the loaded state, or None when there is none (a fresh start)."""
     state = writer.load_latest_registered()
     if state is None:
         return None
     trainer.load_state_dict(state)
+    if trainer.rank == 0:
+        say(f"[k2pipe] restored {state['checkpoint_folder']} at step {trainer.global_step}")
     if "resharded_from" in state:
         old = state["resharded_from"]
         say(f"[k2pipe] rank {trainer.rank}: resharded a checkpoint of {old['world_size']} workers "

@@ -1,4 +1,4 @@
-"""Sharded, asynchronous, fault-tolerant checkpoints for Ray Train.
+"""Sharded, asynchronous, fault-tolerant checkpoints of the trainer.
 
 Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
 
@@ -65,31 +65,30 @@ class CheckpointRegistry(Protocol):
 class LocalRegistry:
     """A ``CheckpointRegistry`` without Ray: rank 0 writes ``latest_checkpoint.json`` (the folder of the
     newest registered checkpoint) into the run folder after each registration, so a restarted run finds
-    it; older checkpoints beyond ``keep`` are deleted."""
+    it; older checkpoints beyond ``keep`` are deleted. ``registered`` holds the ``keep`` newest folders."""
 
     POINTER = "latest_checkpoint.json"
 
     def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, keep: int = 2):
         self.fs, self.experiment_path, self.rank, self.keep = fs, experiment_path.rstrip("/"), rank, keep
         self.registered: list[str] = []
-        self.reports: list[dict[str, Any]] = []
 
     def register(self, folder: str, metrics: dict[str, Any]) -> None:
         self.registered.append(folder)
+        dropped, self.registered = self.registered[:-self.keep], self.registered[-self.keep:]
         if self.rank != 0:
             return
         _write_with_retry(self.fs, f"{self.experiment_path}/{self.POINTER}",
                           json.dumps({"folder": folder, "metrics": metrics}, default=str).encode(),
                           UPLOAD_ATTEMPTS, FIRST_BACKOFF_S)
-        for old in self.registered[:-self.keep]:
+        for old in dropped:
             try:
                 self.fs.delete_dir(old)
             except OSError:
                 pass  # already gone, or the store is down: it is no longer pointed to either way
-        self.registered = self.registered[-self.keep:]
 
     def report(self, metrics: dict[str, Any]) -> None:
-        self.reports.append(dict(metrics))
+        """Nothing to report to without Ray: the writer's ``abandoned`` list and the log hold it."""
 
     def latest(self) -> str | None:
         path = f"{self.experiment_path}/{self.POINTER}"
@@ -215,11 +214,14 @@ class CheckpointWriter:
 
     def load_latest_registered(self) -> dict[str, Any] | None:
         """This rank's state from the newest checkpoint registered by this writer or, failing that, before
-        the run started; None when there is none."""
+        the run started (its folder added as ``checkpoint_folder``); None when there is none."""
         folder = self.last_registered_path or self.registry.latest()
         if folder is None:
             return None
-        return load_rank_state(self.fs, folder, self.rank, self.signature, self.world_size, self.ep, self.reshard)
+        state = load_rank_state(self.fs, folder, self.rank, self.signature, self.world_size, self.ep,
+                                self.reshard)
+        state["checkpoint_folder"] = folder
+        return state
 
 
 # ---------------------------------------------------------------------- loading

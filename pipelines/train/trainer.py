@@ -144,8 +144,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, batches, val_batches, device: torch.device | None = None, *,
-                 layout: ParallelLayout | None = None, callbacks: Iterable[Callback] = (),
-                 forward_backward: ForwardBackward = accumulate_gradients):
+                 layout: ParallelLayout | None = None, forward_backward: ForwardBackward = accumulate_gradients):
         from k2model.optim import build_optimizer, is_local_expert
 
         self.cfg = cfg
@@ -162,7 +161,8 @@ class Trainer:
         self.grad_sync = parallel.GradientSync(self.model, layout)
         self.batches = batches
         self.val_batches = val_batches
-        self.callbacks = list(callbacks)
+        self.callbacks: list[Callback] = []
+        """Run by ``fit()`` in this order (``pipelines.train.callbacks.standard_callbacks`` builds a run's)."""
         self.forward_backward = forward_backward
         self.global_step = 0
         """Steps done (the next step's index)."""

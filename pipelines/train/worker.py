@@ -77,8 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         fs, storage.experiment_fs_path, rank, signature=math_signature(cfg), world_size=world, ep=t.ep,
         registry=RayTrainRegistry(fs),
         reshard=checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here))
-    if callbacks.restore_latest(trainer, writer) is not None and rank == 0:
-        say(f"[k2pipe] resumed from {writer.registry.latest()} at step {trainer.global_step}")
+    callbacks.restore_latest(trainer, writer)
 
     logger = system_metrics = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
