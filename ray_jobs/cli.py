@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ray_jobs.compare import add_compare_command
     from ray_jobs.submit import add_job_commands
 
-    add_job_commands(sub, add_config_args)
+    add_job_commands(sub)
     add_compare_command(sub)
     return parser
 

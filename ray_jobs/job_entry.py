@@ -19,6 +19,7 @@ import os
 import sys
 import traceback
 
+from ray_jobs.common import add_stage_args
 from ray_jobs.submit import CONFIG_ENV, JOB_ID_ENV, decode_config, redact_secrets
 
 
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (with --config)")
     parser.add_argument("--run-name", help="name of the run (with --config)")
-    parser.add_argument("--from", dest="from_stage", help="rerun from this stage")
-    parser.add_argument("--until", help="stop after this stage")
-    parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage")
+    add_stage_args(parser)
     args = parser.parse_args(argv)
 
     try:

@@ -44,7 +44,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ray_jobs.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, load_run_config
+from ray_jobs.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_config_args,
+    add_stage_args,
+    load_run_config,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "K2PIPE_RUN_CONFIG"
@@ -482,8 +491,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
-def add_job_commands(sub: argparse._SubParsersAction, add_config_args: Callable[[argparse.ArgumentParser], None]
-                     ) -> None:
+def add_job_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``submit``, ``status``, ``logs``, ``stop`` and ``list`` on the k2pipe parser."""
 
     def address_arg(p: argparse.ArgumentParser) -> None:
@@ -496,9 +504,7 @@ def add_job_commands(sub: argparse._SubParsersAction, add_config_args: Callable[
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 0 if it succeeded")
     p.add_argument("--no-credentials", dest="credentials", action="store_false",
                    help="do not pass AWS/MLflow credentials to the job (the nodes have their own)")
-    p.add_argument("--from", dest="from_stage", help="rerun from this stage (earlier stages are reused)")
-    p.add_argument("--until", help="stop after this stage")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage")
+    add_stage_args(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="status of a submitted job")
