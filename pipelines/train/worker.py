@@ -57,8 +57,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(t.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() and loop_config.get("use_gpu") \
-        else torch.device("cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and loop_config.get("use_gpu"):
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # the GPU Ray Train assigned this worker
     seed_everything(t.seed)
     layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep)
 
