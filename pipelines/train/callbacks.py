@@ -94,6 +94,7 @@ class DivergenceRecovery(Callback):
                                  "steps in a row) and there is no checkpoint to restore")
         trainer.skipped_total = skipped
         self.recovered = True
+        say(f"[k2pipe] restored the checkpoint of step {trainer.global_step} after non-finite steps")
 
 
 class StepMetrics(Callback):
@@ -180,7 +181,7 @@ def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any]
         return None
     trainer.load_state_dict(state)
     if trainer.rank == 0:
-        say(f"[k2pipe] restored {state['checkpoint_folder']} at step {trainer.global_step}")
+        say(f"[k2pipe] resumed from {state['checkpoint_folder']} at step {trainer.global_step}")
     if "resharded_from" in state:
         old = state["resharded_from"]
         say(f"[k2pipe] rank {trainer.rank}: resharded a checkpoint of {old['world_size']} workers "
