@@ -32,18 +32,17 @@ from pipelines.train.trainer import Trainer
 def build_data(root: str, quick: bool):
     import ray
 
-    from pipelines.data.packed import run_data_stages
+    from pipelines.dag import run_pipeline
 
     cfg = load_config(None, [f"storage.root={root}", f"data.max_docs={600 if quick else 2500}",
                              "data.seq_len=128", "data.vocab_size=4096", "data.tokenizer_sample_bytes=4000000",
-                             "data.val_fraction=0.05", "model.max_seq_len=128"])
+                             "data.val_fraction=0.05", "model.max_seq_len=128", "tracking.enabled=false"])
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        out = run_data_stages(cfg)
+        shards = run_pipeline(cfg, until="shard").stage_outputs["shard"]
     finally:
         ray.shutdown()
-    manifest = as_manifest_dict(out.shards)
-    return out.shards.uri, manifest
+    return shards.uri, as_manifest_dict(shards)
 
 
 def train_once(shard_uri: str, manifest: dict, optimizer: str, lr: float, steps: int, eval_points: int,

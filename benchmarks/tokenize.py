@@ -172,16 +172,18 @@ def measure(args: argparse.Namespace, work: str) -> None:
     import ray
     import ray.data
 
-    from pipelines.config import DataConfig
-    from pipelines.stages.ingest import run_ingest
-    from pipelines.stages.tokenizer import run_tokenizer
+    from pipelines.config import load_config
+    from pipelines.dag import run_pipeline
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data = DataConfig(max_docs=150 if args.quick else None, vocab_size=4096, seq_len=256,
-                      windows_per_shard=1024, tokenizer_sample_bytes=2_000_000 if args.quick else 6_000_000)
-    ingest = run_ingest(data, work)
-    tokenizer = run_tokenizer(data, ingest, work)
+    cfg = load_config(None, {"data.max_docs": 150 if args.quick else None, "data.vocab_size": 4096,
+                             "model.vocab_size": 4096, "data.seq_len": 256, "data.windows_per_shard": 1024,
+                             "data.tokenizer_sample_bytes": 2_000_000 if args.quick else 6_000_000,
+                             "storage.root": work, "tracking.enabled": False})
+    data = cfg.data
+    inputs = run_pipeline(cfg, until="tokenizer").stage_outputs  # the shard stage's inputs, as the DAG makes them
+    ingest, tokenizer = inputs["ingest"], inputs["tokenizer"]
     corpus_bytes = sum(ingest.stats.bytes.values())
     print(f"corpus: {sum(ingest.stats.documents.values()):,} documents, {corpus_bytes / 1e6:.1f} MB "
           f"({ingest.corpus}); working folder {work}")

@@ -70,6 +70,9 @@ class DataConfig:
     """Rows (windows) per parquet shard."""
     num_workers: int = 2
     """Tokenizer actors in the Ray Data pool."""
+    row_group_docs: int = 1024
+    """Documents per parquet row group of the ingest output: the shard stage's unit of work (smaller
+    groups spread tokenization over more actors; the shards' content does not change)."""
 
     def __post_init__(self) -> None:
         need = field_checker("data", self)
@@ -86,6 +89,7 @@ class DataConfig:
              "expected >= 1")
         need(self.windows_per_shard >= 1, "windows_per_shard", "expected >= 1")
         need(self.num_workers >= 1, "num_workers", "expected >= 1")
+        need(self.row_group_docs >= 1, "row_group_docs", "expected >= 1")
         need(self.windows_per_shard * (self.seq_len + 1) < 2**31, "windows_per_shard",
              f"windows_per_shard * (seq_len + 1) = {self.windows_per_shard * (self.seq_len + 1)} tokens per "
              "shard exceeds 2**31")

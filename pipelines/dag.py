@@ -6,11 +6,13 @@ so Ray runs independent branches (evaluate and export) concurrently. Stage tasks
 and never starve the workers they start on a small machine. This is the only place that knows the order
 of the stages.
 
-Every stage is idempotent: its output lives in a folder named by the fingerprint of its inputs and
-config, with ``_COMPLETE.json`` written last; a rerun reuses complete outputs and recomputes from the first
-stage that is not complete. ``from_stage`` / ``until`` choose a slice (stages before ``from_stage`` must
-already be complete), ``force`` recomputes the named stages. Pretraining resumes from its latest
-checkpoint (Ray Train restores a run by name).
+Every stage is idempotent (``pipelines.stages.cache``): its output lives in a folder named by the
+fingerprint of its inputs and config, with ``_COMPLETE.json`` written last; a rerun reuses complete outputs
+and recomputes from the first stage that is not complete. ``from_stage`` reruns that stage and every later
+one (earlier stages are reused, or computed when missing), ``until`` stops after a stage, ``force``
+recomputes the named stages. Pretraining resumes from its latest checkpoint (Ray Train restores a run by
+name). ``k2pipe run``, ``k2pipe data`` (``until="shard"``) and ``python -m pipelines.stages STAGE`` all run
+stages through here.
 
 MLflow: one parent run per pipeline run and one nested run per stage, created before any stage starts and
 recorded in ``<storage>/runs/<run-name>/tracking.json``; a resumed or resubmitted run logs into the same
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import time
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import storage, tracking
+from pipelines.cluster import init_ray
 from pipelines.config import RunConfig
-from pipelines.console import quiet_ray_logging, verbose
+from pipelines.console import quiet_ray_logging
 
 STAGES = ("ingest", "tokenizer", "shard", "pretrain", "evaluate", "export")
 UPSTREAM = {"ingest": (), "tokenizer": ("ingest",), "shard": ("ingest", "tokenizer"), "pretrain": ("shard",),
@@ -216,7 +218,7 @@ def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
 
 
 def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
-    from pipelines.stages.evaluate import run_export
+    from pipelines.stages.export import run_export
 
     pretrain = inputs["pretrain"]
     return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].path, force=force,
@@ -286,29 +288,6 @@ def _log_stage(record: dict[str, Any], name: str, outputs: Any, result: StageRes
 
 
 # ---------------------------------------------------------------------- driver
-def init_ray(cfg: RunConfig, ray_address: str | None = None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if ray_address:
-        # Attach as is: inside a Ray job a runtime_env that repeats a key of the job's own is refused
-        # (and Ray's error message would print the job's environment).
-        ray.init(address=ray_address, log_to_driver=True)
-        return
-    from pipelines.console import ray_logging_env
-
-    env_vars = {"PYTHONUNBUFFERED": "1", **ray_logging_env()}
-    cores = os.cpu_count() or 2
-    # Logical CPUs: enough for the Ray Train workers, the tokenizer pool and the reads at once, so a
-    # 2-core machine never deadlocks on CPU reservations (the OS shares the real cores).
-    wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.num_workers + 2
-    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
-    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, log_to_driver=True,
-             logging_level=logging.INFO if verbose() else logging.WARNING)
-
-
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
                  force: tuple[str, ...] = (), ray_address: str | None = None) -> PipelineResult:
     import ray

@@ -281,12 +281,3 @@ def read_complete(stage_uri: str) -> dict[str, Any] | None:
     if not exists(marker):
         return None
     return read_json(marker)
-
-
-def prepare_stage_dir(stage_uri: str, force: bool = False) -> bool:
-    """Before running a stage: True when a complete earlier run can be reused; otherwise (or with
-    ``force``) wipe whatever a killed or failed run left there and return False."""
-    if not force and is_complete(stage_uri):
-        return True
-    delete_dir(stage_uri)
-    return False

@@ -61,9 +61,6 @@ def cmd_params(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------- data
-
-
 # ---------------------------------------------------------------------- run and data
 def _run_dag(args: argparse.Namespace, from_stage: str | None, until: str | None):
     """The DAG for the parsed flags; returns (result or None, exit code)."""
@@ -96,11 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """The DAG up to and including the shard stage, then the data summary."""
-    from pipelines.data.packed import DataOutputs, format_summary
+    from pipelines.stages.summary import DataOutputs, format_summary
 
     result, code = _run_dag(args, None, "shard")
     if result is not None:
-        outputs = DataOutputs(*(result.stage_outputs[name] for name in ("ingest", "tokenizer", "shard")))
+        outputs = DataOutputs.of(result.stage_outputs)
         print(format_summary(outputs))
         print(json.dumps(outputs.summary(), indent=2, default=str))
     return code

@@ -1,10 +1,7 @@
-"""The data stages joined: ingest -> tokenizer -> shard, and the reader training uses.
+"""The packed-shard format: the one contract between the data stages and training, with its writer and
+its reader. The shard stage (``pipelines.stages.pack``) writes it; the loader (``pipelines.data.loader``),
+evaluation and any outside reader read it.
 
-``run_data_stages(cfg)`` runs the three stages (each reuses a complete earlier output with the same
-fingerprint: the hash of its upstream fingerprints and its own config fields) and prints a summary.
-
-The packed-shard format (the contract between data and training)
------------------------------------------------------------------
 A shard stage folder ``<storage.root>/stages/shard/<fingerprint>/`` holds::
 
     train/shard-00000.parquet ...   val/shard-00000.parquet ...   _COMPLETE.json (the manifest)
@@ -20,7 +17,8 @@ except the last of a split. Parquet row groups hold 256 rows (the unit of a part
     schema_version      1 (bumped on any change to this format)
     stage               "shard"
     fingerprint         16 hex: the folder name
-    config_hash         sha256 of the data settings that shape the content (all data.* but num_workers)
+    config_hash         sha256 of the data settings that shape the content (all data.* but num_workers and
+                        row_group_docs)
     tokenizer_sha256    sha256 of the tokenizer.json the ids come from
     seq_len, window_len, vocab_size, bos_id, eos_id, pad_id, column ("input_ids"), dtype ("int32")
     splits: {"train"|"val": {num_documents, num_windows, num_tokens (= num_windows * window_len),
@@ -31,118 +29,118 @@ except the last of a split. Parquet row groups hold 256 rows (the unit of a part
     stats               {elapsed_s, tokens_per_s, startup_s (until the first actor starts encoding),
                          actor_busy_s (summed over actors), num_workers, num_units} (informational)
 
-Read it with ``read_manifest(uri)``; read rows with ``iter_windows``/``read_windows`` (only the shards and
-row groups that overlap the requested rows are fetched) or directly with pyarrow.
+``encode_shard`` makes one shard's bytes. Read the manifest with ``read_manifest(uri)`` and rows with
+``iter_windows``/``read_windows`` (only the shards and row groups that overlap the requested rows are
+fetched), or directly with pyarrow.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.config import RunConfig
-from pipelines.stages import ingest as ingest_stage
-from pipelines.stages.ingest import IngestOutput, exit_on_data_error, run_ingest
-from pipelines.stages.pack import ShardManifest, read_manifest, run_shard
-from pipelines.stages.tokenizer import TokenizerOutput, load_tokenizer, run_tokenizer
 from pipelines.storage import DataError
 
-__all__ = ["DataError", "DataOutputs", "ShardManifest", "format_summary", "iter_windows",
-           "load_tokenizer", "read_manifest", "read_windows", "run_data_stages"]
+SCHEMA_VERSION = 1
+COLUMN = "input_ids"
+SHARD_SCHEMA = pa.schema([pa.field(COLUMN, pa.list_(pa.int32()), nullable=False)])
+ROWS_PER_ROW_GROUP = 256
+"""Parquet row groups inside a shard: the granularity of a partial read."""
 
 
 @dataclass(frozen=True)
-class DataOutputs:
-    ingest: IngestOutput
-    tokenizer: TokenizerOutput
-    shards: ShardManifest
-
-    @property
-    def manifest_uri(self) -> str:
-        return self.shards.uri
-
-    def summary(self) -> dict[str, object]:
-        """The headline figures as plain data (for the command line and MLflow)."""
-        st = self.ingest.stats
-        return {
-            "manifest": storage.join(self.shards.uri, storage.COMPLETE_MARKER),
-            "corpus": self.ingest.corpus,
-            "files_read": st.files_read, "documents_read": st.records_read, "documents_kept": st.documents,
-            "dropped": st.dropped, "duplicates": st.duplicates, "skipped": st.skipped,
-            "tokenizer": {"uri": self.tokenizer.uri, "sha256": self.tokenizer.sha256,
-                          "vocab_size": self.tokenizer.vocab_size},
-            "splits": {k: {"windows": v.num_windows, "tokens": v.num_tokens,
-                           "dropped_tokens": v.dropped_tokens, "shards": len(v.shards)}
-                       for k, v in self.shards.splits.items()},
-            "reused": {"ingest": self.ingest.reused, "tokenizer": self.tokenizer.reused,
-                       "shard": self.shards.reused},
-        }
+class ShardFile:
+    path: str
+    """Relative to the stage folder, e.g. ``train/shard-00000.parquet``."""
+    num_rows: int
+    sha256: str
+    """Of the file's bytes."""
+    num_bytes: int
 
 
-def run_data_stages(cfg: RunConfig, force: bool = False) -> DataOutputs:
-    """Ingest, tokenizer and shard stages for ``cfg``; ``force`` recomputes all three."""
-    root = cfg.storage.root
-    ingest = run_ingest(cfg.data, root, force=force)
-    tokenizer = run_tokenizer(cfg.data, ingest, root, force=force)
-    shards = run_shard(cfg.data, ingest, tokenizer, root, force=force)
-    outputs = DataOutputs(ingest, tokenizer, shards)
-    print(format_summary(outputs))
-    return outputs
+@dataclass(frozen=True)
+class SplitShards:
+    num_documents: int
+    num_windows: int
+    num_tokens: int
+    """Tokens in the windows (num_windows * window_len)."""
+    dropped_tokens: int
+    """Tokens of the final partial window, not written."""
+    shards: tuple[ShardFile, ...]
 
 
-def _counts(d: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items())) or "none"
+@dataclass(frozen=True)
+class ShardManifest:
+    uri: str
+    """Stage folder; shard paths are relative to it. Not stored: it is wherever the manifest was read."""
+    fingerprint: str
+    config_hash: str
+    tokenizer_sha256: str
+    seq_len: int
+    window_len: int
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    splits: dict[str, SplitShards]
+    skipped_inputs: tuple[dict[str, Any], ...] = ()
+    inputs: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    column: str = COLUMN
+    dtype: str = "int32"
+    reused: bool = False
+
+    def shard_uri(self, split: str, i: int) -> str:
+        return storage.join(self.uri, self.splits[split].shards[i].path)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("uri")
+        d.pop("reused")
+        d["stage"] = "shard"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], uri: str, reused: bool = False) -> ShardManifest:
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(f"{uri}: manifest schema_version={d.get('schema_version')}, this code reads "
+                            f"{SCHEMA_VERSION}; rerun the data stages")
+        names = {f.name for f in dataclasses.fields(cls)} - {"uri", "reused", "splits", "skipped_inputs"}
+        splits = {s: SplitShards(**{**v, "shards": tuple(ShardFile(**x) for x in v["shards"])})
+                  for s, v in d["splits"].items()}
+        return cls(uri=uri, reused=reused, splits=splits, skipped_inputs=tuple(d.get("skipped_inputs", ())),
+                   **{k: v for k, v in d.items() if k in names})
 
 
-def format_summary(outputs: DataOutputs) -> str:
-    ing, tok, man = outputs.ingest, outputs.tokenizer, outputs.shards
-    st = ing.stats
+def read_manifest(shard_stage_uri: str) -> ShardManifest:
+    """The manifest of a complete shard stage; ``DataError`` when the folder is missing or partial."""
+    uri = storage.normalize_uri(shard_stage_uri)
+    payload = storage.read_complete(uri)
+    if payload is None:
+        raise DataError(f"{uri}: no {storage.COMPLETE_MARKER}; the shard stage never finished there "
+                        "(rerun the data stages)")
+    return ShardManifest.from_dict(payload, uri)
 
-    def timing(reused: bool, elapsed: float) -> str:
-        return "reused" if reused else f"{elapsed:.1f} s"
 
-    docs = sum(st.documents.values())
-    lines = [
-        f"data stages  corpus {ing.corpus}",
-        f"  ingest     [{timing(ing.reused, st.elapsed_s)}] {st.files_read:,}/{st.files_listed:,} files, "
-        f"{st.records_read:,} documents read ({st.bytes_read / 1e6:.1f} MB), kept {docs:,} "
-        f"(train {st.documents['train']:,}, val {st.documents['val']:,})"
-        + (f", {docs / st.elapsed_s:,.0f} docs/s" if not ing.reused and st.elapsed_s else "")
-        + (" [stopped at data.max_docs]" if st.stopped_at_max_docs else ""),
-        f"             dropped: {_counts(st.dropped)}; duplicates: {st.duplicates:,}; "
-        f"skipped: {_counts(st.skipped)}",
-        f"  tokenizer  [{timing(tok.reused, tok.elapsed_s)}] {tok.source}, {tok.vocab_size:,} tokens"
-        + (f" ({tok.num_reserved} reserved fillers)" if tok.num_reserved else "")
-        + (f", trained on {tok.sample_documents:,} documents ({tok.sample_bytes / 1e6:.1f} MB)"
-           if tok.source == "trained" else "") + f", sha256 {tok.sha256[:12]}",
-    ]
-    total = sum(s.num_tokens for s in man.splits.values())
-    shard_line = f"  shard      [{timing(man.reused, man.stats.get('elapsed_s', 0.0))}] {total:,} tokens"
-    if not man.reused and man.stats.get("tokens_per_s"):
-        shard_line += (f" at {man.stats['tokens_per_s']:,.0f} tokens/s with {man.stats['num_workers']} "
-                       f"workers (start-up {man.stats.get('startup_s', 0.0):.1f} s)")
-    lines.append(shard_line)
-    for split, s in man.splits.items():
-        lines.append(f"             {split:5s} {s.num_documents:,} docs -> {s.num_windows:,} windows of "
-                     f"{man.window_len} ({s.num_tokens:,} tokens, {s.dropped_tokens:,} dropped) "
-                     f"in {len(s.shards)} shards")
-    for skip in ing.skipped_inputs[:5]:
-        where = "" if skip["index"] is None else f" #{skip['index']}"
-        lines.append(f"  skipped    {skip['uri']}{where}: {skip['reason']} ({skip['detail']})")
-    if len(ing.skipped_inputs) > 5:
-        lines.append(f"  skipped    ... {sum(st.skipped.values()) - 5:,} more (see {ing.uri}/_COMPLETE.json)")
-    if man.splits["val"].num_windows == 0:
-        lines.append("  warning    the validation split has no full window; evaluation will have no data")
-    lines.append(f"  manifest   {man.uri}/{storage.COMPLETE_MARKER}")
-    return "\n".join(lines)
+def encode_shard(windows: np.ndarray) -> bytes:
+    """One shard's parquet bytes for an int32 array of shape (num_windows, window_len)."""
+    num_windows, window_len = windows.shape
+    offsets = pa.array(np.arange(0, (num_windows + 1) * window_len, window_len, dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, pa.array(windows.reshape(-1), type=pa.int32()))
+    sink = io.BytesIO()
+    pq.write_table(pa.table([column], schema=SHARD_SCHEMA), sink, row_group_size=ROWS_PER_ROW_GROUP,
+                   compression="zstd", use_dictionary=False)
+    return sink.getvalue()
 
 
 def _as_windows(column: pa.ChunkedArray, window_len: int, uri: str) -> np.ndarray:
@@ -199,15 +197,3 @@ def read_windows(manifest: ShardManifest, split: str, start: int = 0, stop: int 
     if not parts:
         return np.empty((0, manifest.window_len), np.int32)
     return np.concatenate(parts)
-
-
-@exit_on_data_error
-def main(argv: list[str] | None = None) -> None:
-    cfg, force = ingest_stage.stage_cli("Run the data stages: ingest, tokenizer, shard (pipelines/data/packed.py)",
-                                        argv)
-    outputs = run_data_stages(cfg, force=force)
-    print(json.dumps(outputs.summary(), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -18,13 +18,9 @@ same inputs give byte-identical shards (and sha256 checksums) with 1 or N worker
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,25 +29,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.cluster import init_ray, ordered_execution
 from pipelines.config import DataConfig
-from pipelines.stages.ingest import (
-    SPLITS,
-    IngestOutput,
-    ensure_ray,
-    exit_on_data_error,
-    ordered_execution,
-    stage_cli,
-)
+from pipelines.data.packed import SCHEMA_VERSION, ShardFile, ShardManifest, SplitShards, encode_shard
+from pipelines.stages.cache import cached_stage
+from pipelines.stages.ingest import SPLITS, IngestOutput
 from pipelines.stages.tokenizer import TokenizerOutput, one_thread_per_process
 from pipelines.storage import DataError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-COLUMN = "input_ids"
-SHARD_SCHEMA = pa.schema([pa.field(COLUMN, pa.list_(pa.int32()), nullable=False)])
-ROWS_PER_ROW_GROUP = 256
-"""Parquet row groups inside a shard: the granularity of a partial read."""
 ENCODE_BATCH_DOCS = 64
 """Documents per ``encode_batch`` call inside an actor (bounds the tokenizer's temporary objects)."""
 _UNIT_SCHEMA = pa.schema([("unit", pa.int64()), ("split", pa.string()), ("num_docs", pa.int64()),
@@ -59,97 +46,13 @@ _UNIT_SCHEMA = pa.schema([("unit", pa.int64()), ("split", pa.string()), ("num_do
                           ("busy_s", pa.float64())])
 
 
-@dataclass(frozen=True)
-class ShardFile:
-    path: str
-    """Relative to the stage folder, e.g. ``train/shard-00000.parquet``."""
-    num_rows: int
-    sha256: str
-    """Of the file's bytes."""
-    num_bytes: int
-
-
-@dataclass(frozen=True)
-class SplitShards:
-    num_documents: int
-    num_windows: int
-    num_tokens: int
-    """Tokens in the windows (num_windows * window_len)."""
-    dropped_tokens: int
-    """Tokens of the final partial window, not written."""
-    shards: tuple[ShardFile, ...]
-
-
-@dataclass(frozen=True)
-class ShardManifest:
-    uri: str
-    """Stage folder; shard paths are relative to it. Not stored: it is wherever the manifest was read."""
-    fingerprint: str
-    config_hash: str
-    tokenizer_sha256: str
-    seq_len: int
-    window_len: int
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    splits: dict[str, SplitShards]
-    skipped_inputs: tuple[dict[str, Any], ...] = ()
-    inputs: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-    column: str = COLUMN
-    dtype: str = "int32"
-    reused: bool = False
-
-    def shard_uri(self, split: str, i: int) -> str:
-        return storage.join(self.uri, self.splits[split].shards[i].path)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("uri")
-        d.pop("reused")
-        d["stage"] = "shard"
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], uri: str, reused: bool = False) -> ShardManifest:
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(f"{uri}: manifest schema_version={d.get('schema_version')}, this code reads "
-                            f"{SCHEMA_VERSION}; rerun the data stages")
-        names = {f.name for f in dataclasses.fields(cls)} - {"uri", "reused", "splits", "skipped_inputs"}
-        splits = {s: SplitShards(**{**v, "shards": tuple(ShardFile(**x) for x in v["shards"])})
-                  for s, v in d["splits"].items()}
-        return cls(uri=uri, reused=reused, splits=splits, skipped_inputs=tuple(d.get("skipped_inputs", ())),
-                   **{k: v for k, v in d.items() if k in names})
-
-
-def read_manifest(shard_stage_uri: str) -> ShardManifest:
-    """The manifest of a complete shard stage; ``DataError`` when the folder is missing or partial."""
-    uri = storage.normalize_uri(shard_stage_uri)
-    payload = storage.read_complete(uri)
-    if payload is None:
-        raise DataError(f"{uri}: no {storage.COMPLETE_MARKER}; the shard stage never finished there "
-                        "(rerun the data stages)")
-    return ShardManifest.from_dict(payload, uri)
-
-
 def content_hash(data: DataConfig) -> str:
-    """Hash of every data setting that can change the shards' content (not the worker count)."""
+    """Hash of every data setting that can change the shards' content (not the worker count or the ingest
+    row groups)."""
     fields = dataclasses.asdict(data)
     fields.pop("num_workers")
+    fields.pop("row_group_docs")
     return storage.fingerprint(fields, length=64)
-
-
-def encode_shard(windows: np.ndarray) -> bytes:
-    """One shard's parquet bytes for an int32 array of shape (num_windows, window_len)."""
-    num_windows, window_len = windows.shape
-    offsets = pa.array(np.arange(0, (num_windows + 1) * window_len, window_len, dtype=np.int32))
-    column = pa.ListArray.from_arrays(offsets, pa.array(windows.reshape(-1), type=pa.int32()))
-    sink = io.BytesIO()
-    pq.write_table(pa.table([column], schema=SHARD_SCHEMA), sink, row_group_size=ROWS_PER_ROW_GROUP,
-                   compression="zstd", use_dictionary=False)
-    return sink.getvalue()
 
 
 class TokenizeUnits:
@@ -251,21 +154,20 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
                         f"{data.vocab_size}")
     fp = shard_fingerprint(data, ingest, tokenizer)
     stage_uri = storage.stage_dir(storage_root, "shard", fp)
-    if storage.prepare_stage_dir(stage_uri, force):
-        return ShardManifest.from_dict(storage.read_complete(stage_uri), stage_uri, reused=True)
-    ensure_ray()  # stage timings leave out the cluster's start-up
-    t0, wall_t0 = time.perf_counter(), time.time()
 
-    units = []
-    for split in SPLITS:
-        for part, uri in zip(ingest.parts[split], ingest.files(split)):
-            path = storage.resolve(uri)[1]
-            for row_group in range(part.num_row_groups):
-                units.append({"unit": len(units), "split": split, "path": path, "row_group": row_group})
-    window_len = data.seq_len + 1
-    packers = {s: _Packer(stage_uri, s, window_len, data.windows_per_shard) for s in SPLITS}
-    tokenizer_json = storage.read_bytes(tokenizer.path).decode("utf-8")
-    try:
+    def build(stage_uri: str) -> tuple[ShardManifest, dict[str, Any]]:
+        init_ray()  # stage timings leave out the cluster's start-up
+        t0, wall_t0 = time.perf_counter(), time.time()
+
+        units = []
+        for split in SPLITS:
+            for part, uri in zip(ingest.parts[split], ingest.files(split)):
+                path = storage.resolve(uri)[1]
+                for row_group in range(part.num_row_groups):
+                    units.append({"unit": len(units), "split": split, "path": path, "row_group": row_group})
+        window_len = data.seq_len + 1
+        packers = {s: _Packer(stage_uri, s, window_len, data.windows_per_shard) for s in SPLITS}
+        tokenizer_json = storage.read_bytes(tokenizer.path).decode("utf-8")
         with ordered_execution():
             ds = ray.data.from_items(units, override_num_blocks=len(units))
             ds = ds.map_batches(
@@ -288,42 +190,23 @@ def run_shard(data: DataConfig, ingest: IngestOutput, tokenizer: TokenizerOutput
                     packers[split].add(tokens[i].values.to_numpy(), num_docs)
         assert expected == len(units), f"{len(units) - expected} units never came back"
         splits = {s: p.finish() for s, p in packers.items()}
-    except BaseException:
-        with contextlib.suppress(Exception):
-            storage.delete_dir(stage_uri)
-        raise
-    if splits["train"].num_windows == 0:
-        storage.delete_dir(stage_uri)
-        raise DataError(f"corpus {ingest.corpus}: the train split has only "
-                        f"{splits['train'].dropped_tokens} tokens, "
-                        f"fewer than one window of data.seq_len + 1 = {window_len}; add documents or lower "
-                        "data.seq_len")
-    elapsed = time.perf_counter() - t0
-    num_tokens = sum(s.num_tokens + s.dropped_tokens for s in splits.values())
-    manifest = ShardManifest(
-        uri=stage_uri, fingerprint=fp, config_hash=content_hash(data), tokenizer_sha256=tokenizer.sha256,
-        seq_len=data.seq_len, window_len=window_len, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, splits=splits, skipped_inputs=ingest.skipped_inputs,
-        inputs={"ingest": ingest.uri, "tokenizer": tokenizer.uri},
-        stats={"elapsed_s": round(elapsed, 3), "tokens_per_s": round(num_tokens / max(elapsed, 1e-9), 1),
-               "startup_s": round(max(first_start - wall_t0, 0.0), 3) if units else 0.0,
-               "actor_busy_s": round(busy_s, 3),
-               "num_workers": data.num_workers, "num_units": len(units)})
-    storage.mark_complete(stage_uri, manifest.to_dict())
-    return manifest
+        if splits["train"].num_windows == 0:
+            raise DataError(f"corpus {ingest.corpus}: the train split has only "
+                            f"{splits['train'].dropped_tokens} tokens, "
+                            f"fewer than one window of data.seq_len + 1 = {window_len}; add documents or lower "
+                            "data.seq_len")
+        elapsed = time.perf_counter() - t0
+        num_tokens = sum(s.num_tokens + s.dropped_tokens for s in splits.values())
+        manifest = ShardManifest(
+            uri=stage_uri, fingerprint=fp, config_hash=content_hash(data), tokenizer_sha256=tokenizer.sha256,
+            seq_len=data.seq_len, window_len=window_len, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, splits=splits, skipped_inputs=ingest.skipped_inputs,
+            inputs={"ingest": ingest.uri, "tokenizer": tokenizer.uri},
+            stats={"elapsed_s": round(elapsed, 3), "tokens_per_s": round(num_tokens / max(elapsed, 1e-9), 1),
+                   "startup_s": round(max(first_start - wall_t0, 0.0), 3) if units else 0.0,
+                   "actor_busy_s": round(busy_s, 3),
+                   "num_workers": data.num_workers, "num_units": len(units)})
+        return manifest, manifest.to_dict()
 
-
-@exit_on_data_error
-def main(argv: list[str] | None = None) -> None:
-    from pipelines.stages.ingest import run_ingest
-    from pipelines.stages.tokenizer import run_tokenizer
-
-    cfg, force = stage_cli("Tokenize, pack and shard (pipelines/stages/pack.py)", argv)
-    ingest = run_ingest(cfg.data, cfg.storage.root)
-    tokenizer = run_tokenizer(cfg.data, ingest, cfg.storage.root)
-    manifest = run_shard(cfg.data, ingest, tokenizer, cfg.storage.root, force=force)
-    print(json.dumps({"uri": manifest.uri, "reused": manifest.reused, **manifest.to_dict()}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return cached_stage(stage_uri, build,
+                        lambda record: ShardManifest.from_dict(record, stage_uri, reused=True), force=force)

@@ -17,6 +17,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import RunConfig
 from pipelines.retrying_fs import retrying
+from pipelines.stages.cache import cached_stage
 from pipelines.train.trainer import math_signature
 
 
@@ -35,7 +36,7 @@ class PretrainOutputs:
 
 
 def as_manifest_dict(manifest: Any) -> dict[str, Any]:
-    """The shard stage's manifest (``pipelines.stages.pack.ShardManifest`` or its JSON form) as a plain dict."""
+    """The shard stage's manifest (``pipelines.data.packed.ShardManifest`` or its JSON form) as a plain dict."""
     return dataclasses.asdict(manifest) if dataclasses.is_dataclass(manifest) else dict(manifest)
 
 
@@ -137,20 +138,21 @@ def _entry(loop_config: dict[str, Any]) -> None:
 def run_pretrain_stage(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any], force: bool = False,
                        mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> PretrainOutputs:
     """The DAG's pretrain stage: reuse a finished run (``_COMPLETE.json`` in its folder), otherwise run or
-    resume it; ``force`` deletes the run's folder and trains from scratch."""
+    resume it from its latest checkpoint; ``force`` deletes the run's folder and trains from scratch."""
     manifest = as_manifest_dict(manifest)
     validate_against_data(cfg, manifest, shard_stage_uri)
     fp = pretrain_fingerprint(cfg, manifest)
     run_dir = storage.join(storage.run_dir(cfg.storage.root, cfg.run_name), ray_train_run_name(cfg, fp))
-    if force:
-        storage.delete_dir(run_dir)
-    done = storage.read_complete(run_dir)
-    if done is not None:
-        return PretrainOutputs(**{**done, "reused": True})
-    out = run_pretrain(cfg, shard_stage_uri, manifest, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
-    out = dataclasses.replace(out, completed_at=time.time())
-    payload = dataclasses.asdict(out)
-    payload.pop("reused")
-    payload["metrics"] = {k: v for k, v in payload["metrics"].items() if isinstance(v, (int, float, str))}
-    storage.mark_complete(run_dir, payload)
-    return out
+
+    def build(_run_dir: str) -> tuple[PretrainOutputs, dict[str, Any]]:
+        out = run_pretrain(cfg, shard_stage_uri, manifest, mlflow_run_id=mlflow_run_id,
+                           tracking_uri=tracking_uri)
+        out = dataclasses.replace(out, completed_at=time.time())
+        record = dataclasses.asdict(out)
+        record.pop("reused")
+        record["metrics"] = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float, str))}
+        return out, record
+
+    # Resumable: an unfinished run's folder holds the checkpoints a rerun resumes from.
+    return cached_stage(run_dir, build, lambda record: PretrainOutputs(**{**record, "reused": True}),
+                        force=force, resumable=True)

@@ -21,7 +21,6 @@ stages (shard, training, evaluation, export) open it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,7 +32,8 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import MIN_TOKENIZER_VOCAB, DataConfig
-from pipelines.stages.ingest import IngestOutput, exit_on_data_error, stage_cli
+from pipelines.stages.cache import cached_stage
+from pipelines.stages.ingest import IngestOutput
 from pipelines.storage import DataError
 
 TOKENIZER_VERSION = 1
@@ -199,53 +199,40 @@ def run_tokenizer(data: DataConfig, ingest: IngestOutput | None, storage_root: s
     fp = storage.fingerprint({"stage": "tokenizer", "version": TOKENIZER_VERSION,
                               "vocab_size": data.vocab_size, **inputs})
     stage_uri = storage.stage_dir(storage_root, "tokenizer", fp)
-    if storage.prepare_stage_dir(stage_uri, force):
-        return TokenizerOutput.from_dict(storage.read_complete(stage_uri), stage_uri, reused=True)
 
-    if given is not None:
-        source = storage.normalize_uri(data.tokenizer)
-        try:
-            text = given.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{source} (data.tokenizer): not UTF-8 text; expected a HF tokenizer.json"
-                            ) from None
-        tok = TextTokenizer(text, storage.sha256_bytes(given), source=source)
-        if tok.vocab_size != data.vocab_size:
-            raise DataError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but data.vocab_size="
-                            f"{data.vocab_size}; set data.vocab_size (and model.vocab_size) to "
-                            f"{tok.vocab_size}")
-        raw, source, num_reserved, num_docs, num_bytes = given, tok.source, 0, 0, 0
-    else:
-        sampled = {"docs": 0, "bytes": 0}
+    def build(stage_uri: str) -> tuple[TokenizerOutput, dict[str, Any]]:
+        if given is not None:
+            source = storage.normalize_uri(data.tokenizer)
+            try:
+                text = given.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{source} (data.tokenizer): not UTF-8 text; expected a HF tokenizer.json"
+                                ) from None
+            tok = TextTokenizer(text, storage.sha256_bytes(given), source=source)
+            if tok.vocab_size != data.vocab_size:
+                raise DataError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but data.vocab_size="
+                                f"{data.vocab_size}; set data.vocab_size (and model.vocab_size) to "
+                                f"{tok.vocab_size}")
+            raw, source, num_reserved, num_docs, num_bytes = given, tok.source, 0, 0, 0
+        else:
+            sampled = {"docs": 0, "bytes": 0}
 
-        def counted() -> Iterator[str]:
-            for text in sample_texts(ingest, data.tokenizer_sample_bytes):
-                sampled["docs"] += 1
-                sampled["bytes"] += len(text.encode("utf-8"))
-                yield text
+            def counted() -> Iterator[str]:
+                for text in sample_texts(ingest, data.tokenizer_sample_bytes):
+                    sampled["docs"] += 1
+                    sampled["bytes"] += len(text.encode("utf-8"))
+                    yield text
 
-        trained, num_reserved = train_bpe(counted(), data.vocab_size)
-        raw = trained.to_str(pretty=False).encode("utf-8")
-        source, num_docs, num_bytes = "trained", sampled["docs"], sampled["bytes"]
-        tok = TextTokenizer(raw.decode("utf-8"), storage.sha256_bytes(raw))
-    storage.write_bytes(storage.join(stage_uri, TOKENIZER_FILE), raw)
-    out = TokenizerOutput(uri=stage_uri, fingerprint=fp, sha256=tok.sha256, vocab_size=tok.vocab_size,
-                          bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, source=source,
-                          num_reserved=num_reserved, sample_documents=num_docs, sample_bytes=num_bytes,
-                          elapsed_s=round(time.perf_counter() - t0, 3))
-    storage.mark_complete(stage_uri, out.to_dict())
-    return out
+            trained, num_reserved = train_bpe(counted(), data.vocab_size)
+            raw = trained.to_str(pretty=False).encode("utf-8")
+            source, num_docs, num_bytes = "trained", sampled["docs"], sampled["bytes"]
+            tok = TextTokenizer(raw.decode("utf-8"), storage.sha256_bytes(raw))
+        storage.write_bytes(storage.join(stage_uri, TOKENIZER_FILE), raw)
+        out = TokenizerOutput(uri=stage_uri, fingerprint=fp, sha256=tok.sha256, vocab_size=tok.vocab_size,
+                              bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, source=source,
+                              num_reserved=num_reserved, sample_documents=num_docs, sample_bytes=num_bytes,
+                              elapsed_s=round(time.perf_counter() - t0, 3))
+        return out, out.to_dict()
 
-
-@exit_on_data_error
-def main(argv: list[str] | None = None) -> None:
-    from pipelines.stages.ingest import run_ingest
-
-    cfg, force = stage_cli("Train or adopt the tokenizer (pipelines/stages/tokenizer.py)", argv)
-    ingest = None if cfg.data.tokenizer else run_ingest(cfg.data, cfg.storage.root)
-    out = run_tokenizer(cfg.data, ingest, cfg.storage.root, force=force)
-    print(json.dumps({"uri": out.uri, "reused": out.reused, **out.to_dict()}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return cached_stage(stage_uri, build,
+                        lambda record: TokenizerOutput.from_dict(record, stage_uri, reused=True), force=force)

@@ -302,3 +302,18 @@ def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank:
                                "bytes_read": [r.bytes_read for r in readers],
                                "tensor_bytes_read": [r.tensor_bytes_read for r in readers]}
     return state
+
+
+def load_checkpoint_model(checkpoint_uri: str, cfg: Any) -> torch.nn.Module:
+    """The whole model of run config ``cfg`` (one process, every expert) from a checkpoint of any layout,
+    read as a one-worker resume would read it: of the shards, only the model's bytes, not the optimizer
+    state."""
+    from k2model.model import build_model
+    from pipelines import storage
+
+    meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
+    fs, path = storage.resolve(checkpoint_uri)
+    state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: False))
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval()

@@ -51,7 +51,7 @@ def test_export_is_a_loadable_model_equal_to_the_checkpoint(pipeline_run):
     from safetensors.torch import load_file
 
     from k2model.config import ModelConfig
-    from pipelines.stages.evaluate import load_checkpoint_model
+    from pipelines.train.checkpointing import load_checkpoint_model
 
     work, cfg, first, *_ = pipeline_run
     export = first.stages["export"].uri

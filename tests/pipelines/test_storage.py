@@ -103,19 +103,14 @@ def test_delete_refuses_roots():
         storage.delete_dir("/tmp")
 
 
-def test_stage_markers_and_prepare(root):
+def test_stage_markers(root):
     stage = storage.stage_dir(root, "shard", storage.fingerprint({"a": 1}))
+    assert stage == storage.join(root, "stages", "shard", storage.fingerprint({"a": 1}))
     assert not storage.is_complete(stage) and storage.read_complete(stage) is None
-    storage.write_bytes(storage.join(stage, "train/shard-00000.parquet"), b"partial")
-    assert storage.prepare_stage_dir(stage) is False  # partial: wiped
-    assert not storage.exists(storage.join(stage, "train/shard-00000.parquet"))
     storage.write_bytes(storage.join(stage, "out.bin"), b"done")
+    assert not storage.is_complete(stage)
     storage.mark_complete(stage, {"rows": 3})
     assert storage.is_complete(stage) and storage.read_complete(stage) == {"rows": 3}
-    assert storage.prepare_stage_dir(stage) is True  # complete: reused as is
-    assert storage.read_bytes(storage.join(stage, "out.bin")) == b"done"
-    assert storage.prepare_stage_dir(stage, force=True) is False  # forced: wiped
-    assert not storage.exists(stage)
 
 
 def test_s3_settings_from_environment(monkeypatch):

@@ -23,16 +23,13 @@ import zstandard
 
 from pipelines import storage
 from pipelines.config import ConfigError, load_config
-from pipelines.data.packed import (
-    format_summary,
-    iter_windows,
-    read_manifest,
-    read_windows,
-    run_data_stages,
-)
+from pipelines.dag import run_pipeline
+from pipelines.data.packed import iter_windows, read_manifest, read_windows
 from pipelines.stages import ingest as ingest_stage
 from pipelines.stages import pack as shard_stage
+from pipelines.stages import readers
 from pipelines.stages.ingest import run_ingest
+from pipelines.stages.summary import DataOutputs, format_summary
 from pipelines.stages.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, run_tokenizer, train_bpe
 from pipelines.storage import DataError
 
@@ -42,20 +39,19 @@ WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega riv
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
+def ray_cluster(s3_server):
+    # The S3 server first: the stage tasks the DAG starts read the S3 settings from their environment.
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_row_groups():
-    # Several row groups per part so the shard stage gets several work units from a tiny corpus.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ingest_stage, "ROW_GROUP_DOCS", 6)
-        yield
+def run_data_stages(cfg) -> DataOutputs:
+    """The DAG's data slice, as ``k2pipe data`` runs it."""
+    return DataOutputs.of(run_pipeline(cfg, until="shard").stage_outputs)
 
 
 def make_doc(rng: random.Random, i: int) -> str:
@@ -99,7 +95,9 @@ def expected_documents() -> list[str]:
 def run_config(corpus: str, root: str, **overrides):
     flat = {"data.corpus": corpus, "storage.root": root, "data.vocab_size": VOCAB, "model.vocab_size": VOCAB,
             "data.seq_len": 32, "data.windows_per_shard": 16, "data.val_fraction": 0.2,
-            "data.tokenizer_sample_bytes": 100_000, "data.num_workers": 2, "tracking.enabled": False}
+            "data.tokenizer_sample_bytes": 100_000, "data.num_workers": 2, "tracking.enabled": False,
+            # Several row groups per part, so the shard stage gets several work units from a tiny corpus.
+            "data.row_group_docs": 6}
     flat.update(overrides)
     return load_config(None, flat)
 
@@ -498,14 +496,14 @@ def test_line_reader_matches_split_for_any_chunking(monkeypatch):
         def read(self, _size: int) -> bytes:
             return self.buffer.read(self.chunk)
 
-    reader = ingest_stage._FileReader(None, "text", 0, 10)
+    reader = readers.FileReader(None, "text", 0, 10)
     rng = random.Random(0)
     for _ in range(500):
         lines = [bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 25)))
                  for _ in range(rng.randint(0, 8))]
         data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
         chunk = rng.randint(1, 12)
-        monkeypatch.setattr(ingest_stage, "READ_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(readers, "READ_CHUNK_BYTES", chunk)
         expected = data.split(b"\n")
         if expected[-1] == b"":
             expected.pop()
