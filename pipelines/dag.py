@@ -33,7 +33,7 @@ from typing import Any
 from pipelines import storage, tracking
 from pipelines.cluster import init_ray
 from pipelines.config import RunConfig
-from pipelines.console import quiet_ray_logging
+from pipelines.console import quiet_ray_logging, say
 
 STAGES = ("ingest", "tokenizer", "shard", "pretrain", "evaluate", "export")
 UPSTREAM = {"ingest": (), "tokenizer": ("ingest",), "shard": ("ingest", "tokenizer"), "pretrain": ("shard",),
@@ -318,12 +318,14 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     results: dict[str, StageResult] = {}
     outputs: dict[str, Any] = {}
     failure: BaseException | None = None
-    for name, ref in refs.items():
+    for i, (name, ref) in enumerate(refs.items(), 1):
         try:
             outputs[name], results[name] = ray.get(ref)
         except Exception as e:  # the first failing stage decides; later ones fail with it
             failure = failure or e
             results[name] = StageResult(name=name, status="failed")
+        r = results[name]
+        say(f"[k2pipe] stage {i}/{len(refs)} {name:<10} {r.status}" + (f" in {r.seconds:.1f} s" if r.seconds else ""))
     if record is not None:
         c = tracking.client(record["tracking_uri"])
         status = "FAILED" if failure else "FINISHED"

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.config import RunConfig
+from pipelines.console import train_log_level
 from pipelines.retrying_fs import retrying
 from pipelines.stages.cache import cached_stage
 from pipelines.train.trainer import math_signature
@@ -114,6 +115,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
     )
     result = trainer.fit()

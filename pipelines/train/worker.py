@@ -16,7 +16,7 @@ import torch
 
 from k2model.distributed import ParallelLayout
 from pipelines.config import config_from_dict
-from pipelines.console import say
+from pipelines.console import quiet_worker_logging, say
 from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
 from pipelines.train import callbacks, checkpointing
 from pipelines.train.trainer import Trainer, math_signature, measure_matmul_flops, seed_everything
@@ -52,6 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point that Ray Train runs in every worker."""
     import ray.train
 
+    quiet_worker_logging()
     cfg = config_from_dict(loop_config["config"])
     t = cfg.train
     torch.set_num_threads(t.threads_per_worker)
