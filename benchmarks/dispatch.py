@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from k2model.config import preset_config
 from k2model.dispatch import AllToAllDispatcher, LocalDispatcher
+from k2model.distributed import barrier
 from k2model.moe import MoE
 from k2model.testing import run_workers
 
@@ -54,7 +55,7 @@ def _time_ms(fns: dict[str, Callable[[], None]], warmup: int, iters: int) -> dic
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + iters):
         for name, fn in fns.items():
-            dist.barrier()
+            barrier()
             start = time.perf_counter()
             fn()
             elapsed = (time.perf_counter() - start) * 1e3

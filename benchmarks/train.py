@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import parse_args, table, write_json
+from k2model.distributed import barrier
 from k2model.optim import resolve_ns_dtype
 from pipelines.config import load_config
 from pipelines.train.checkpointing import snapshot
@@ -72,12 +73,12 @@ def _worker(rank: int, world: int, port: int, cfg_args: tuple, steps: int, queue
                                                 rank), [])
         trainer.step()  # warm-up
         if world > 1:
-            dist.barrier()
+            barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.step()
         if world > 1:
-            dist.barrier()
+            barrier()
         step_s = (time.perf_counter() - t0) / steps
         t1 = time.perf_counter()
         snapshot(trainer.state_dict())

@@ -344,6 +344,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
         v_head_dim=64, max_seq_len=1024, rope_theta=50000.0,
     ),
+    # The one-GPU benchmark model of benchmarks/gpu_check.sh (about 2.61B total, 0.67B active): fixed,
+    # so a figure measured on it means one thing; trained at sequence 4096.
+    "medium": dict(
+        vocab_size=32768, hidden_size=2048, num_layers=12, first_k_dense=1, dense_ffn_size=8192,
+        expert_ffn_size=1024, num_experts=32, num_experts_per_tok=4, num_shared_experts=1,
+        num_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_seq_len=4096, rope_theta=50000.0,
+    ),
     # Exactly Kimi K2 (shared/REFERENCE.md section 1), pretraining form: plain RoPE at 4096 context.
     "k2-1t": dict(
         vocab_size=163840, hidden_size=7168, num_layers=61, first_k_dense=1, dense_ffn_size=18432,

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed import _functional_collectives as funcol
+
+from k2model.distributed import all_to_all_autograd, all_to_all_single_
 
 
 @dataclass
@@ -158,12 +159,12 @@ class AllToAllDispatcher(ExpertDispatcher):
 
         send_per_expert_E = torch.bincount(topk_ids_NK.reshape(-1), minlength=self.num_experts)
         recv_per_expert = torch.empty_like(send_per_expert_E)
-        dist.all_to_all_single(recv_per_expert, send_per_expert_E, group=self.ep_group)
+        all_to_all_single_(recv_per_expert, send_per_expert_E, self.ep_group, name="rows per expert")
         recv_per_source_expert = recv_per_expert.view(self.ep_size, E_local)  # [source rank, local expert]
         send_counts = send_per_expert_E.view(self.ep_size, E_local).sum(1).tolist()
         recv_counts = recv_per_source_expert.sum(1).tolist()
 
-        received_MD = funcol.all_to_all_single_autograd(send_MD, recv_counts, send_counts, self.ep_group)
+        received_MD = all_to_all_autograd(send_MD, recv_counts, send_counts, self.ep_group, name="dispatch")
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(E_local, device=recv_per_expert.device).repeat(self.ep_size),
             recv_per_source_expert.reshape(-1))
@@ -177,8 +178,8 @@ class AllToAllDispatcher(ExpertDispatcher):
         if y_MD.shape[0] == 0 and handle.received_MD is not None and handle.received_MD.requires_grad:
             y_MD = _AnchorGrad.apply(y_MD, handle.received_MD)
         received_order_MD = y_MD.index_select(0, invert_permutation(handle.recv_order))
-        returned_MD = funcol.all_to_all_single_autograd(received_order_MD, handle.send_counts,
-                                                        handle.recv_counts, self.ep_group)
+        returned_MD = all_to_all_autograd(received_order_MD, handle.send_counts, handle.recv_counts,
+                                          self.ep_group, name="combine")
         return _unsort_slots(returned_MD, handle)
 
     def __deepcopy__(self, memo):

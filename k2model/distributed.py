@@ -1,15 +1,18 @@
 """Distributed state of a training run: the parallel layout, its process groups and the small collectives.
 
 Everything that knows which rank holds what lives here: ``ParallelLayout`` (the rank arithmetic of data and
-expert parallelism and the process groups for it) and the collectives the trainer and the checkpoint
-writer use for control values (flags, counts, statistics), so that each is written once.
+expert parallelism and the process groups for it) and every collective the project calls (gradient
+buckets, the expert exchange, parameter broadcasts, and the control values of the trainer and the
+checkpoint writer), each checked against what its backend takes and bounded by the group's timeout.
 ``k2model.parallel`` applies the layout to a model (its slice of the experts, gradient synchronisation,
 the global gradient norm).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -137,11 +140,38 @@ class ParallelLayout:
             raise RuntimeError(f"{self!r} was built with create_groups=False: it has no process groups")
 
 
+# ---------------------------------------------------------------------- collectives
+# Every torch.distributed collective of the project is called here, and only here (a test reads the
+# source of every other module to hold that). Each checks its tensors against the device types the
+# group's backend takes before it calls: NCCL refuses a CPU tensor, and a CPU run over gloo would
+# never show such a call. Control values (flags, counts, statistics) are made on ``collective_device``.
+# A collective that waits past the group's timeout (``train.collective_timeout_s``) raises a
+# ``CollectiveError`` naming the call, not a hang.
+
+class CollectiveError(RuntimeError):
+    """A collective was called wrongly (a tensor on a device its backend refuses) or timed out."""
+
+
+def backend_devices(group: dist.ProcessGroup | None = None) -> frozenset[str]:
+    """The device types ``group``'s backend takes: ``gloo`` CPU, ``nccl`` CUDA, and for a backend given
+    per device (``cuda:gloo``, ``cpu:gloo,cuda:nccl``) the devices it names."""
+    return devices_of_backend(str(dist.get_backend(group)))
+
+
+def devices_of_backend(backend: str) -> frozenset[str]:
+    """``backend_devices`` for a backend string as ``torch.distributed`` names it."""
+    backend = backend.lower()
+    if ":" in backend:
+        return frozenset(part.split(":", 1)[0].strip() for part in backend.split(","))
+    return frozenset({"cuda"}) if backend == "nccl" else frozenset({"cpu"})
+
+
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where a small tensor must live to go through ``group``'s backend (gloo: CPU, else the GPU)."""
-    if dist.get_backend(group) == "gloo":
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    """Where a small control tensor is made to go through ``group``'s backend (the GPU when it takes
+    CUDA tensors, else the CPU)."""
+    if "cuda" in backend_devices(group):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -149,37 +179,111 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _check(call: str, name: str, group: dist.ProcessGroup | None, *tensors: torch.Tensor) -> None:
+    accepted = backend_devices(group)
+    for tensor in tensors:
+        if tensor.device.type not in accepted:
+            raise CollectiveError(
+                f"{call}({name}): the tensor is on {tensor.device}, but the group's backend "
+                f"({dist.get_backend(group)}) takes only {'/'.join(sorted(accepted))} tensors; make it on "
+                "k2model.distributed.collective_device(group)")
+
+
+def _timed(call: str, name: str, group: dist.ProcessGroup | None, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with a timeout of the backend turned into an error that names the call."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            raise CollectiveError(
+                f"{call}({name}) over {dist.get_world_size(group)} ranks timed out "
+                "(train.collective_timeout_s): a rank never reached this call, or died before it") from e
+        raise
+
+
+def wait(work: dist.Work | None, call: str = "collective", name: str = "tensor",
+         group: dist.ProcessGroup | None = None) -> None:
+    """Wait for an asynchronous collective started here (None: nothing was started)."""
+    if work is not None:
+        _timed(call, name, group, work.wait)
+
+
 def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
-                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                group: dist.ProcessGroup | None = None, *, name: str = "tensor") -> torch.Tensor:
     """``tensor`` reduced in place over ``group`` (default: world) and returned; unchanged without a
-    distributed run. The tensor travels on the group's collective device and comes back where it was."""
+    distributed run. ``tensor`` must be on a device the group's backend takes."""
     if not is_distributed(group):
         return tensor
-    device = collective_device(group)
-    if tensor.device == device:
-        dist.all_reduce(tensor, op=op, group=group)
-        return tensor
-    moved = tensor.to(device)
-    dist.all_reduce(moved, op=op, group=group)
-    tensor.copy_(moved)
+    _check("all_reduce", name, group, tensor)
+    _timed("all_reduce", name, group, lambda: dist.all_reduce(tensor, op=op, group=group))
     return tensor
 
 
-def agree(value: int, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None = None) -> int:
-    """One integer control value reduced over every rank of ``group`` (MIN of flags: all agree)."""
+def all_reduce_async(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, name: str,
+                     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> dist.Work | None:
+    """Start an in-place all-reduce of ``tensor``; ``wait`` the result. None without a distributed run."""
     if not is_distributed(group):
-        return value
-    flag = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(flag, op=op, group=group)
+        return None
+    _check("all_reduce", name, group, tensor)
+    return dist.all_reduce(tensor, op=op, group=group, async_op=True)
+
+
+def broadcast_async(tensor: torch.Tensor, group_src: int, group: dist.ProcessGroup | None, *,
+                    name: str) -> dist.Work | None:
+    """Start a broadcast of ``tensor`` from rank ``group_src`` of ``group`` (None: the world)."""
+    if not is_distributed(group):
+        return None
+    _check("broadcast", name, group, tensor)
+    src = dist.get_global_rank(group, group_src) if group is not None else group_src
+    return dist.broadcast(tensor, src=src, group=group, async_op=True)
+
+
+def all_to_all_single_(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
+                       name: str) -> torch.Tensor:
+    """Equal splits of ``input`` to every rank of ``group``, received into ``output`` (not differentiable)."""
+    _check("all_to_all_single", name, group, output, input)
+    _timed("all_to_all_single", name, group, lambda: dist.all_to_all_single(output, input, group=group))
+    return output
+
+
+def all_to_all_autograd(input: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                        group: dist.ProcessGroup, *, name: str) -> torch.Tensor:
+    """Uneven all-to-all of rows that gradients flow back through (the expert dispatch exchange)."""
+    import torch.distributed._functional_collectives as funcol
+
+    _check("all_to_all_single_autograd", name, group, input)
+    return funcol.all_to_all_single_autograd(input, output_splits, input_splits, group)
+
+
+def barrier(group: dist.ProcessGroup | None = None, *, name: str = "barrier") -> None:
+    """Every rank of ``group`` reaches this point (nothing without a distributed run)."""
+    if is_distributed(group):
+        _timed("barrier", name, group, lambda: dist.barrier(group=group))
+
+
+def agree(value: int | torch.Tensor, op: dist.ReduceOp.RedOpType,
+          group: dist.ProcessGroup | None = None, *, name: str = "agree") -> int:
+    """One integer control value reduced over every rank of ``group`` (MIN of flags: all agree). A tensor
+    ``value`` (0-d or one element) is reduced where the backend takes it, read once."""
+    if isinstance(value, torch.Tensor):
+        flag = value.detach().reshape(1).to(torch.int64)
+    else:
+        flag = torch.tensor([int(value)], dtype=torch.int64)
+    if not is_distributed(group):
+        return int(flag.item())
+    if flag.device.type not in backend_devices(group):
+        flag = flag.to(collective_device(group))
+    all_reduce_(flag, op, group, name=name)
     return int(flag.item())
 
 
 def all_ranks_finite(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
     """True only if every rank's ``flag`` is true: a ``bool`` or bool tensor is the flag itself (all
     elements), a floating tensor means "all its values are finite". Call it on every rank; ``group``
-    defaults to the world."""
+    defaults to the world. A tensor flag is evaluated where it lives: one host read in all."""
     if isinstance(flag, torch.Tensor):
-        ok = bool(flag.all()) if flag.dtype == torch.bool else bool(torch.isfinite(flag).all())
+        ok = flag.all() if flag.dtype == torch.bool else torch.isfinite(flag).all()
     else:
         ok = bool(flag)
-    return agree(int(ok), dist.ReduceOp.MIN, group) == 1
+    return agree(ok, dist.ReduceOp.MIN, group, name="all_ranks_finite") == 1

@@ -120,7 +120,10 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x_ND.float(), self.weight.float())
+        """fp32 scores, under autocast too (which would run the linear in bf16): a bf16 logit moves the
+        top-k choice and the gating weights (DeepSeek-V3 gates in fp32; the cost is one small matmul)."""
+        with torch.autocast(x_ND.device.type, enabled=False):
+            logits = F.linear(x_ND.float(), self.weight.float())
         return logits.sigmoid() if self.cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
 
     def select(self, scores_NE: torch.Tensor) -> torch.Tensor:

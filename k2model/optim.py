@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from k2model.config import OptimizerConfig
-from k2model.distributed import agree
+from k2model.distributed import agree, broadcast_async, wait
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -345,7 +345,7 @@ class MuonClip(torch.optim.Optimizer):
         resolved = resolve_ns_dtype(name, device)
         if name != "auto" or not distributed:
             return resolved
-        everywhere = agree(int(resolved == "bfloat16"), dist.ReduceOp.MIN, process_group)
+        everywhere = agree(int(resolved == "bfloat16"), dist.ReduceOp.MIN, process_group, name="ns_dtype")
         return "bfloat16" if everywhere else "float32"
 
     # ------------------------------------------------------------------ queries
@@ -461,11 +461,10 @@ class MuonClip(torch.optim.Optimizer):
                 flat = torch.cat([p.reshape(-1) for p in params])
             else:
                 flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-            src = dist.get_global_rank(self.process_group, owner) if self.process_group is not None else owner
-            work = dist.broadcast(flat, src=src, group=self.process_group, async_op=True)
+            work = broadcast_async(flat, owner, self.process_group, name=f"Muon parameters of rank {owner}")
             pending.append((owner, params, flat, work))
         for owner, params, flat, work in pending:
-            work.wait()
+            wait(work, "broadcast", f"Muon parameters of rank {owner}", self.process_group)
             if owner != self.rank:
                 offset = 0
                 for p in params:

@@ -43,7 +43,7 @@ from torch import nn
 
 from k2model.config import ModelConfig
 from k2model.dispatch import AllToAllDispatcher, ExpertDispatcher
-from k2model.distributed import ParallelLayout, all_reduce_, collective_device
+from k2model.distributed import ParallelLayout, all_reduce_, all_reduce_async, wait
 from k2model.model import K2ForCausalLM, build_model
 from k2model.moe import GroupedExperts
 
@@ -174,7 +174,7 @@ class GradientSync:
         params, group = self.buckets[i]
         reduce_dtype = torch.promote_types(params[0].dtype, torch.float32)
         flat = torch.cat([p.grad.reshape(-1).to(reduce_dtype) for p in params])
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True) if group else None
+        work = all_reduce_async(flat, group, name=f"gradient bucket {i}") if group else None
         self._pending.append((i, flat, work))
         self._next = i + 1
 
@@ -187,8 +187,7 @@ class GradientSync:
         while self._next < len(self.buckets):
             self._launch(self._next)
         for i, flat, work in self._pending:
-            if work is not None:
-                work.wait()
+            wait(work, "all_reduce", f"gradient bucket {i}", self.buckets[i][1])
             flat.div_(self.layout.world_size)
             offset = 0
             for p in self.buckets[i][0]:
@@ -226,10 +225,11 @@ def global_grad_norm(model: nn.Module, layout: ParallelLayout) -> torch.Tensor:
     rank (identical inputs and one reduction), so all ranks clip and skip alike."""
     layout._need_groups()
     replicated, experts = _split_params(model)
-    device = collective_device() if layout.world_size > 1 else torch.device("cpu")
+    # On the gradients' own device: no host round trip per parameter.
+    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
     expert_sq = _sum_of_squares([p.grad for p in experts if p.grad is not None], device)
     if layout.ep_group is not None:
-        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=layout.ep_group)
+        all_reduce_(expert_sq, group=layout.ep_group, name="expert gradient squares")
     replicated_sq = _sum_of_squares([p.grad for p in replicated if p.grad is not None], device)
     return (replicated_sq + expert_sq).sqrt()
 
@@ -251,4 +251,4 @@ def sum_expert_load(model: K2ForCausalLM, layout: ParallelLayout) -> torch.Tenso
     """Tokens routed to each expert summed over every rank, [moe_layers, E] fp64 (exact counts): the
     input of ``update_router_bias``, identical on all ranks so the biases stay identical."""
     layout._need_groups()
-    return all_reduce_(model.expert_load().to(torch.float64))
+    return all_reduce_(model.expert_load().to(torch.float64), name="expert load")

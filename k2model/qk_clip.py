@@ -76,7 +76,8 @@ def qk_clip(model: nn.Module, max_logits: torch.Tensor, tau: float,
     if max_logits.ndim != 2 or max_logits.shape[0] != len(attention):
         raise ValueError(f"max_logits has shape {tuple(max_logits.shape)}, "
                          f"expected [{len(attention)}, heads]")
-    S_LH = all_reduce_(max_logits.detach().to(torch.float32, copy=True), dist.ReduceOp.MAX, process_group)
+    S_LH = all_reduce_(max_logits.detach().to(torch.float32, copy=True), dist.ReduceOp.MAX, process_group,
+                       name="max logits")
     bad = (~torch.isfinite(S_LH)).nonzero()
     if len(bad):
         layer, head = (int(i) for i in bad[0])

@@ -154,6 +154,14 @@ class TrainConfig:
     """Non-finite steps in a row before restoring the latest checkpoint."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each Ray Train worker reserves (fractions keep a 2-core machine from deadlocking)."""
+    deterministic: bool = False
+    """Deterministic kernels only (``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``, NCCL's
+    ring algorithm): on GPUs a killed-and-resumed run is then bit-equal to an uninterrupted one, at some
+    speed. Off, CUDA's atomic ``index_add``/``scatter_add`` sum in varying order, so a resumed GPU run
+    matches only to rounding; CPU runs are deterministic either way."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective waits for every rank of its group before it fails, naming the call (a rank
+    that died or took another path), instead of hanging the job."""
 
     def __post_init__(self) -> None:
         need = field_checker("train", self)
@@ -163,6 +171,7 @@ class TrainConfig:
         for name in ("checkpoint_every", "eval_every", "max_failures", "warmup_steps"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        need(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         need(self.num_workers % self.ep == 0, "ep", f"must divide train.num_workers={self.num_workers}")

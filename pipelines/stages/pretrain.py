@@ -19,7 +19,7 @@ from pipelines.config import RunConfig
 from pipelines.console import train_log_level
 from pipelines.retrying_fs import retrying
 from pipelines.stages.cache import cached_stage
-from pipelines.train.trainer import math_signature
+from pipelines.train.trainer import DETERMINISTIC_ENV, math_signature
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
     trainer = TorchTrainer(
         _entry,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -116,6 +116,8 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
+            # Set before the worker starts CUDA or NCCL, which read them once.
+            worker_runtime_env={"env_vars": dict(DETERMINISTIC_ENV)} if t.deterministic else None,
         ),
     )
     result = trainer.fit()

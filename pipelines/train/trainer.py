@@ -24,7 +24,6 @@ checkpointed state is model, optimizer, step, bad-step streak and RNG states.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -93,14 +92,17 @@ class Callback:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-ForwardBackward = Callable[["Trainer", Iterable[Batch]], tuple[float, float]]
+ForwardBackward = Callable[["Trainer", Iterable[Batch]], tuple[torch.Tensor | float, torch.Tensor | float]]
+"""Runs a step's forward and backward passes; returns (mean loss, mean language-model loss)."""
 
 
-def accumulate_gradients(trainer: Trainer, micro_batches: Iterable[Batch]) -> tuple[float, float]:
+def accumulate_gradients(trainer: Trainer, micro_batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     """The default ``forward_backward``: every micro-batch forward, then ``(loss / n).backward()``, the
     gradient all-reduce armed before the last backward so it overlaps it. Returns the mean loss and mean
-    language-model loss over the micro-batches (python floats, as logged)."""
-    loss_sum = lm_sum = 0.0
+    language-model loss over the micro-batches: float64 scalars summed on the device, so the loop never
+    waits for the device (the step reads them once)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
     num = trainer.accum
     for micro, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(trainer.device), targets.to(trainer.device)
@@ -112,8 +114,8 @@ def accumulate_gradients(trainer: Trainer, micro_batches: Iterable[Batch]) -> tu
         if micro == num - 1:
             trainer.grad_sync.arm()  # gradient all-reduce overlaps the last backward
         (out.loss / num).backward()
-        loss_sum += out.loss.item()
-        lm_sum += out.lm_loss.item()
+        loss_sum += out.loss.detach().double()
+        lm_sum += out.lm_loss.detach().double()
     return loss_sum / num, lm_sum / num
 
 
@@ -219,14 +221,17 @@ class Trainer:
         self.model.reset_expert_load()
         for p in self.model.parameters():
             p.grad = None
-        loss, lm_loss = self.forward_backward(self, self.micro_batches(self.global_step))
+        loss_t, lm_loss_t = (torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                             for v in self.forward_backward(self, self.micro_batches(self.global_step)))
 
         self.grad_sync.finish()
         if t.grad_clip > 0:
             grad_norm = parallel.clip_grad_norm_(self.model, self.layout, t.grad_clip)
         else:
             grad_norm = parallel.global_grad_norm(self.model, self.layout)
-        finite = all_ranks_finite(math.isfinite(loss) and bool(torch.isfinite(grad_norm)))
+        # The one host read of the step: every rank's verdict on its loss and the global norm.
+        finite = all_ranks_finite(torch.isfinite(loss_t) & torch.isfinite(grad_norm))
+        loss, lm_loss = float(loss_t), float(lm_loss_t)
         lr = schedule.lr_at(self.global_step, t.steps, t.lr, t.schedule, t.warmup_steps, t.decay_fraction,
                             t.min_lr_ratio)
         if not finite:
@@ -259,7 +264,7 @@ class Trainer:
             max_logits = stats.max_logit_per_head
             extra["qk_clip/heads_clipped"] = float(stats.num_clipped)
         else:
-            max_logits = all_reduce_(self.model.max_logits.clone(), dist.ReduceOp.MAX)
+            max_logits = all_reduce_(self.model.max_logits.clone(), dist.ReduceOp.MAX, name="max logits")
         extra["attn/max_logit"] = float(max_logits.max())
         for i, v in enumerate(max_logits.amax(dim=1).tolist()):
             extra[f"attn/max_logit_layer{i}"] = v
@@ -287,14 +292,31 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss x tokens, tokens]
         for inputs, targets in self.val_batches:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(inputs.to(self.device), targets.to(self.device))
-            total += torch.tensor([out.lm_loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
+            total[0] += out.lm_loss.detach().double() * targets.numel()
+            total[1] += targets.numel()
         self.model.train()
-        all_reduce_(total)
+        all_reduce_(total, name="validation loss")
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring"}
+"""What ``train.deterministic`` sets in a worker's environment before CUDA or NCCL start (cuBLAS picks
+its workspace, NCCL its algorithm, once per process)."""
+
+
+def use_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: deterministic kernels only (an error names any op without one)."""
+    import os
+
+    if enabled:
+        for key, value in DETERMINISTIC_ENV.items():
+            os.environ.setdefault(key, value)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
 
 
 def seed_everything(seed: int) -> None:

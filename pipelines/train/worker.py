@@ -10,6 +10,7 @@ Train, and the context gives the rank, the world and the run's storage.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from pipelines.config import config_from_dict
 from pipelines.console import quiet_worker_logging, say
 from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
 from pipelines.train import callbacks, checkpointing
-from pipelines.train.trainer import Trainer, math_signature, measure_matmul_flops, seed_everything
+from pipelines.train.trainer import Trainer, math_signature, measure_matmul_flops, seed_everything, use_deterministic
 
 
 class RayTrainRegistry:
@@ -63,8 +64,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()  # the GPU Ray Train assigned this worker
+    use_deterministic(t.deterministic)
     seed_everything(t.seed)
-    layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep)
+    layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep, timeout=timedelta(seconds=t.collective_timeout_s))
 
     train_shards = [ShardRef(**s) for s in loop_config["train_shards"]]
     val_shards = [ShardRef(**s) for s in loop_config["val_shards"]]

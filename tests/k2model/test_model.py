@@ -166,6 +166,21 @@ def test_bf16_autocast_matches_fp32_and_keeps_fp32_gradients():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+def test_router_scores_are_fp32_under_bf16_autocast():
+    """Routing runs with autocast off: the scores (and so the top-k choice and the gating weights) under
+    bf16 autocast are exactly those of fp32, from bf16 activations too."""
+    cfg = tiny(init_std=0.05)
+    router = moe_layer(cfg).gate
+    x = torch.randn(64, cfg.hidden_size)
+    ids, weights, scores = router(x)
+    for activations in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids_ac, weights_ac, scores_ac = router(activations)
+        assert scores_ac.dtype == weights_ac.dtype == torch.float32
+        expected = router(activations.float()) if activations.dtype != torch.float32 else (ids, weights, scores)
+        assert torch.equal(ids_ac, expected[0]) and torch.equal(scores_ac, expected[2])
+
+
 def test_bias_changes_choice_but_not_gate_values():
     cfg = tiny(init_std=0.05)
     router = moe_layer(cfg).gate
@@ -247,12 +262,21 @@ def test_tiny_counts_equal_allocated_model():
     assert pc.active == active
 
 
-@pytest.mark.parametrize("preset", ["k2-1t", "deepseek-v3", "small"])
+@pytest.mark.parametrize("preset", ["k2-1t", "deepseek-v3", "small", "medium"])
 def test_large_presets_counts_equal_meta_allocation(preset):
     cfg = preset_config(preset)
     with torch.device("meta"):
         model = K2ForCausalLM(cfg)
     assert count_parameters(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def test_medium_is_the_fixed_gpu_benchmark_model():
+    """The one-GPU benchmark model (benchmarks/gpu_check.sh): 2.61B total, 0.67B active."""
+    cfg = preset_config("medium")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_experts, cfg.num_experts_per_tok, cfg.expert_ffn_size,
+            cfg.dense_ffn_size, cfg.num_heads, cfg.max_seq_len) == (2048, 12, 32, 4, 1024, 8192, 16, 4096)
+    pc = count_parameters(cfg)
+    assert (pc.total, pc.active) == (2_605_974_528, 668_206_080)
 
 
 def test_k2_totals_match_published_figures():

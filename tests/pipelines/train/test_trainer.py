@@ -17,7 +17,7 @@ import torch
 from k2model.testing import run_workers
 from pipelines.config import load_config
 from pipelines.train import callbacks, checkpointing
-from pipelines.train.trainer import Callback, Trainer, math_signature, seed_everything
+from pipelines.train.trainer import Callback, Trainer, math_signature, seed_everything, use_deterministic
 
 pytestmark = pytest.mark.auto_dtype
 
@@ -65,6 +65,7 @@ class StopBefore(Callback):
 
 def run_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...], stop_before: int | None) -> dict:
     cfg = _config(*extra)
+    use_deterministic(cfg.train.deterministic)  # as the Ray Train worker entry does
     seed_everything(cfg.train.seed)
     val = [Batches(2, world, rank).batch(10_000, 0)]
     trainer = Trainer(cfg, Batches(cfg.train.micro_batch_size, world, rank), val)
@@ -123,10 +124,12 @@ def test_fit_logs_validates_and_registers_checkpoints(uninterrupted, tmp_path_fa
 
 
 def test_a_stopped_run_resumes_bit_for_bit(uninterrupted, tmp_path):
+    """Under ``train.deterministic`` (every op of the step has a deterministic kernel; on CPUs the
+    results are those of the uninterrupted run without it)."""
     run_dir = str(tmp_path)
-    first = run_workers(run_rank, 2, run_dir, (), 6)
+    first = run_workers(run_rank, 2, run_dir, ("train.deterministic=true",), 6)
     assert all(r["stopped"] and r["state"]["step"] == 6 for r in first)
-    resumed = run_workers(run_rank, 2, run_dir, (), None)
+    resumed = run_workers(run_rank, 2, run_dir, ("train.deterministic=true",), None)
     for rank, result in enumerate(resumed):
         assert result["restored_step"] == 4, "the latest registered checkpoint is step 4"
         _assert_same_state(result["state"], uninterrupted[rank]["state"])
