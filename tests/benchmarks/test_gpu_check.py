@@ -1,0 +1,41 @@
+"""The prepared device run, ``benchmarks/gpu_check.sh``, as CI can run it: ``--dry-run`` on the CPU runs
+every part that can run without a GPU, writes its JSON and logs to ``$OUT``, and says what it skipped; a
+part that is not written yet fails and says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu_check(*args: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the dry run is for machines without a GPU")
+def test_the_dry_run_runs_what_a_cpu_can_and_says_what_it_skipped(tmp_path):
+    done = gpu_check("--dry-run", "env", "tests", "bench", out=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["cuda_available"] is False and env["problems"] == []
+    assert env["medium_params"] == {"total": 2_605_974_528, "active": 668_206_080}
+    assert "grouped_mm_bfloat16_max_error" in env
+    assert "skipped on this machine (no CUDA device)" in done.stdout
+    assert "test_cuda.py::test_nccl_refuses_a_cpu_tensor" in (tmp_path / "tests.log").read_text()
+    bench = json.loads((tmp_path / "bench-dry.json").read_text())
+    assert bench["device"] == "cpu" and bench["tokens_per_s"] > 0 and bench["preset"] == "tiny"
+    # Without --dry-run on a machine without a GPU: refused, nothing run.
+    refused = gpu_check("env", out=tmp_path / "real")
+    assert refused.returncode == 2 and "run with --dry-run" in refused.stderr
+    # The part not written yet fails, saying so.
+    peer = gpu_check("--dry-run", "peer", out=tmp_path / "peer")
+    assert peer.returncode == 1 and "not written yet" in peer.stdout

@@ -1,0 +1,71 @@
+"""What only a CUDA GPU can show (marked ``cuda``; skipped without one; ``benchmarks/gpu_check.sh tests``
+runs them on the lent device): the model in bf16 autocast against fp32, the router in fp32 under
+autocast, Newton-Schulz on the GPU against the CPU reference, and NCCL refusing what gloo would take."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from k2model.config import preset_config
+from k2model.distributed import CollectiveError, agree, all_ranks_finite, all_reduce_, collective_device
+from k2model.model import build_model
+from k2model.optim import newton_schulz
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_bf16_autocast_on_cuda_is_close_to_fp32_and_gradients_stay_fp32():
+    model = build_model(preset_config("tiny"), seed=0).cuda()
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        reference = model(ids[:, :-1], ids[:, 1:]).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], ids[:, 1:])
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), reference, rtol=1e-2, atol=0)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_router_scores_are_fp32_under_cuda_autocast():
+    model = build_model(preset_config("tiny"), seed=0).cuda()
+    router = next(m for m in model.modules() if type(m).__name__ == "Router")
+    x = torch.randn(128, model.cfg.hidden_size, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ids, weights, scores = router(x)
+    assert scores.dtype == weights.dtype == torch.float32
+    ref_ids, _, ref_scores = router(x)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_newton_schulz_on_cuda_matches_the_cpu_reference(dtype, tol):
+    G = torch.randn(6, 256, 128, generator=torch.Generator().manual_seed(0))
+    cpu = newton_schulz(G, dtype=torch.float32)
+    gpu = newton_schulz(G.cuda(), dtype=dtype).float().cpu()
+    assert (gpu - cpu).abs().max() < tol
+
+
+def test_nccl_refuses_a_cpu_tensor_and_control_values_travel_on_the_gpu():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        assert collective_device().type == "cuda"
+        # One rank: nothing to reduce, so nothing is checked; a second group member is what NCCL needs.
+        assert agree(1, dist.ReduceOp.MIN) == 1 and all_ranks_finite(torch.ones(3, device="cuda"))
+        with pytest.raises(CollectiveError, match="takes only cuda tensors"):
+            from k2model.distributed import _check
+
+            _check("all_reduce", "validation loss", None, torch.zeros(2))
+        assert all_reduce_(torch.ones(2, device="cuda")).sum().item() == 2
+    finally:
+        dist.destroy_process_group()
