@@ -24,7 +24,9 @@ Tensor name suffixes: B batch, T sequence, D model width, H heads, R rope dim, C
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +123,28 @@ def apply_rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> t
 def causal_max_logit_per_head(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float,
                               block_size: int) -> torch.Tensor:
     """The largest pre-softmax logit per head over causally visible (query, key) pairs of the batch,
-    in fp32. Queries are taken in blocks so the extra memory is O(B * H * block * T), never T x T."""
-    T = q_BHTd.shape[2]
-    q, k = q_BHTd.float(), k_BHTd.float()
+    in fp32. Queries are taken in blocks so the extra memory is O(B * H * block * T), never T x T.
+
+    Under autocast too: the products are fp32 of the q and k attention used (bf16 under autocast), never
+    rounded to bf16, since QK-Clip compares them with its threshold. On CUDA, bf16 inputs run on TF32
+    tensor cores, exact for bf16 values (8 significant bits fit TF32's 11), accumulating in fp32."""
+    with torch.autocast(q_BHTd.device.type, enabled=False), \
+            _tf32_matmul(q_BHTd.is_cuda and q_BHTd.dtype == k_BHTd.dtype == torch.bfloat16):
+        return _causal_max_logit(q_BHTd.float(), k_BHTd.float(), scale, block_size)
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or saved
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _causal_max_logit(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    T = q.shape[2]
     result_H = torch.full((q.shape[1],), float("-inf"), device=q.device)
     future = torch.triu(torch.ones(block_size, block_size, dtype=torch.bool, device=q.device), diagonal=1)
     for start in range(0, T, block_size):

@@ -194,10 +194,16 @@ class MoE(nn.Module):
         else:
             self.aux_loss = None
 
-        x_MD, tokens_per_local_expert, handle = self.dispatcher.dispatch(x_ND, topk_ids_NK)
+        x_experts_ND = x_ND
+        if torch.is_autocast_enabled(x_ND.device.type):
+            # The experts run in autocast's dtype: cast once, before the exchange, so the all-to-all payload,
+            # the rows scattered to experts and all three grouped matmuls are bf16 (grouped_linear casts the
+            # fp32 weights, whose gradients stay fp32).
+            x_experts_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        x_MD, tokens_per_local_expert, handle = self.dispatcher.dispatch(x_experts_ND, topk_ids_NK)
         y_MD = self.experts(x_MD, tokens_per_local_expert)
         y_NKD = self.dispatcher.combine(y_MD, handle)
-        out_ND = (y_NKD * weights_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(1)
+        out_ND = (y_NKD.float() * weights_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # the gating sum in fp32
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         return out_ND.view(B, T, D)

@@ -96,6 +96,30 @@ def _scaled_rows_worker_case(dispatcher: AllToAllDispatcher, rank: int) -> dict:
             "offset": dispatcher.local_expert_offset}
 
 
+def _autocast_case(dispatcher: AllToAllDispatcher, rank: int) -> dict:
+    """fp32 parameters under bf16 autocast: what dtype the rows cross the all-to-all in."""
+    import k2model.dispatch as dispatch_module
+
+    payloads = []
+    exchange = dispatch_module.all_to_all_autograd
+
+    def recording(rows, *args, name, **kwargs):
+        payloads.append((name, rows.dtype))
+        return exchange(rows, *args, name=name, **kwargs)
+
+    dispatch_module.all_to_all_autograd = recording
+    try:
+        moe = _ep_moe("random", dispatcher)
+        x, g = _case_inputs("random", rank)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = moe(x)
+        (out.float() * g).sum().backward()
+    finally:
+        dispatch_module.all_to_all_autograd = exchange
+    return {"payloads": payloads, "out_dtype": out.dtype,
+            "grad_dtypes": {p.grad.dtype for p in moe.parameters() if p.grad is not None}}
+
+
 def _dispatch_worker(rank: int, world_size: int) -> dict:
     dispatcher = AllToAllDispatcher(E, dist.group.WORLD)
     results = {"scaled_rows": _scaled_rows_worker_case(dispatcher, rank)}
@@ -108,6 +132,7 @@ def _dispatch_worker(rank: int, world_size: int) -> dict:
         results[name] = {"out": out.detach(), "x_grad": x.grad,
                          "grads": {n: p.grad for n, p in moe.named_parameters()},
                          "tokens_per_expert": moe.tokens_per_expert.clone()}
+    results["autocast"] = _autocast_case(dispatcher, rank)
     try:
         AllToAllDispatcher(E - 1, dist.group.WORLD)
         results["bad_split"] = None
@@ -196,3 +221,12 @@ def test_forced_routing_really_starves_a_rank(ranks):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             grad = ranks[starved][name]["grads"][f"experts.{proj}"]
             assert grad is None or torch.count_nonzero(grad) == 0
+
+
+def test_under_bf16_autocast_rows_cross_the_all_to_all_in_bf16(ranks):
+    """fp32 master weights under bf16 autocast: both exchanges carry bf16 rows (half the bytes of fp32),
+    the layer's output is fp32 like its input (the residual stream), every gradient is fp32."""
+    for r in ranks:
+        assert r["autocast"]["payloads"] == [("dispatch", torch.bfloat16), ("combine", torch.bfloat16)]
+        assert r["autocast"]["out_dtype"] == torch.float32
+        assert r["autocast"]["grad_dtypes"] == {torch.float32}

@@ -99,6 +99,20 @@ def test_recorded_max_logit_equals_true_causal_max():
     assert causal_max_logit_per_head(q, k, 1.0, 2).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recorder_is_fp32_under_autocast_in_both_dtypes(dtype):
+    """Under bf16 autocast the recorder's products are not rounded to bf16: the result equals the fp32
+    computation on the same (possibly bf16) q and k, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 3, 37, 16, generator=g) * 4).to(dtype)
+    k = (torch.randn(2, 3, 37, 16, generator=g) * 4).to(dtype)
+    expected = causal_max_logit_per_head(q.float(), k.float(), 0.25, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recorded = causal_max_logit_per_head(q, k, 0.25, 8)
+        assert (q.float() @ k.float().transpose(-1, -2)).dtype == torch.bfloat16  # autocast is on here
+    assert recorded.dtype == torch.float32 and torch.equal(recorded, expected)
+
+
 def test_max_logits_accumulate_over_micro_batches_and_reset():
     cfg = tiny(init_std=0.1)
     model = build_model(cfg, seed=0).train()
@@ -152,18 +166,48 @@ def test_grouped_linear_matches_loop_including_empty_experts(out_dim, in_dim):
         x.grad, w.grad = None, None
 
 
-def test_bf16_autocast_matches_fp32_and_keeps_fp32_gradients():
-    """The GPU recipe (bf16 autocast over fp32 parameters), run on the CPU: the experts' grouped matmul
-    takes bf16 activations with fp32 weights, the loss stays close to fp32, every gradient is fp32."""
+class ExpertMatmuls:
+    """Records the kernel and the dtypes of every expert matmul (``F.grouped_mm`` or the padded bmm)."""
+
+    def __init__(self, monkeypatch):
+        import k2model.moe as moe_module
+
+        self.calls: list[tuple[str, torch.dtype, torch.dtype]] = []
+        grouped, padded = F.grouped_mm, moe_module._padded_linear
+
+        def grouped_mm(x, w, **kw):
+            self.calls.append(("grouped_mm", x.dtype, w.dtype))
+            return grouped(x, w, **kw)
+
+        def padded_linear(x, w, counts):
+            self.calls.append(("padded", x.dtype, w.dtype))
+            return padded(x, w, counts)
+
+        monkeypatch.setattr(F, "grouped_mm", grouped_mm)
+        monkeypatch.setattr(moe_module, "_padded_linear", padded_linear)
+
+
+def test_bf16_autocast_runs_every_expert_matmul_in_bf16_and_keeps_fp32_gradients(monkeypatch):
+    """The GPU recipe (bf16 autocast over fp32 parameters), run on the CPU: all three expert matmuls of
+    every MoE layer take bf16 rows and bf16 weights in the grouped kernel; the loss stays close to fp32
+    without equalling it (autocast is on); every gradient is fp32."""
     model = build_model(preset_config("tiny"), seed=0)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids[:, :-1], ids[:, 1:]).loss
+    matmuls = ExpertMatmuls(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids[:, :-1], ids[:, 1:])
+    num_moe = model.cfg.num_layers - model.cfg.first_k_dense
+    assert matmuls.calls == [("grouped_mm", torch.bfloat16, torch.bfloat16)] * (3 * num_moe)
     out.loss.backward()
     torch.testing.assert_close(out.loss.float(), reference, rtol=1e-2, atol=0)
+    assert out.loss.float() != reference
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    # Without autocast, nothing is bf16.
+    matmuls.calls.clear()
+    model(ids[:, :-1], ids[:, 1:])
+    assert {(x, w) for _, x, w in matmuls.calls} == {(torch.float32, torch.float32)}
 
 
 def test_router_scores_are_fp32_under_bf16_autocast():
