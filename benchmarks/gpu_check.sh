@@ -65,9 +65,10 @@ for p in "${PARTS[@]}"; do
         part bench 60 "$PY" -m benchmarks.train --device cpu --preset tiny --seq 64 --micro 2 --global-batch 4 \
           --steps 1 --out "$OUT/bench-dry.json"
       else
-        part bench-small 120 "$PY" -m benchmarks.train --device cuda --preset small --out "$OUT/bench-small.json"
+        part bench-small 120 "$PY" -m benchmarks.train --device cuda --preset small --nominal-tflops 989 \
+          --out "$OUT/bench-small.json"
         part bench-medium 240 "$PY" -m benchmarks.train --device cuda --preset medium --seq 4096 --micro 4 \
-          --global-batch 32 --steps 10 --out "$OUT/bench-medium.json"
+          --global-batch 32 --steps 10 --nominal-tflops 989 --out "$OUT/bench-medium.json"
       fi ;;
     peer)
       echo "gpu_check peer: not written yet: the transformers DeepseekV3ForCausalLM comparison needs the"

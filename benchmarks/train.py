@@ -13,10 +13,13 @@ around it.
 
 With ``--device cuda`` (or ``--device cpu`` as a dry run) it measures instead one process on that device:
 ``small`` (``--preset``) in bf16 autocast on a GPU, tokens/s and MFU against the device's measured matmul
-throughput in the same run (bf16 on a GPU, fp32 on a CPU), where a step's time goes (forward and backward,
+throughput in the same run (bf16 on a GPU, fp32 on a CPU) and, with ``--nominal-tflops``, against the
+device's nominal peak; where a step's time goes (forward with the max-logit recording apart, backward,
 gradient sync, clipping, optimizer step and its Newton-Schulz, QK-Clip, router-bias update; each timed
-between device synchronisations in a second pass) and the Newton-Schulz share of the step. Newton-Schulz
-runs in the dtype ``optimizer.ns_dtype=auto`` picks for the device (bf16 on a GPU), written to the JSON:
+between device synchronisations in a second pass); the Newton-Schulz share of the step against its share
+in the FLOP model (at this batch and at 1M tokens a step); the recording's share; peak memory.
+Newton-Schulz runs in the dtype ``optimizer.ns_dtype=auto`` picks for the device (bf16 on a GPU), written
+to the JSON:
 
     python -m benchmarks.train --device cuda --out bench-results/train-gpu.json
 
@@ -120,11 +123,14 @@ def _device_args(p) -> None:
     p.add_argument("--micro", type=int, default=None, help="with --device: micro-batch (cuda 16, cpu 4)")
     p.add_argument("--global-batch", type=int, default=None, help="with --device: global batch (cuda 64, cpu 8)")
     p.add_argument("--steps", type=int, default=None, help="with --device: timed steps (cuda 20, cpu 3)")
+    p.add_argument("--nominal-tflops", type=float, default=None,
+                   help="with --device: the device's dense bf16 peak for a second MFU (H100/H200: 989)")
 
 
 def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, micro: int,
-                     global_batch: int) -> dict:
+                     global_batch: int, nominal_flops: float | None = None) -> dict:
     """One process on ``device``: throughput, MFU and a per-phase breakdown of the trainer's step."""
+    import k2model.layers
     import k2model.moe
     import k2model.optim
     import k2model.parallel
@@ -163,12 +169,37 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
         return wrapper
 
     patches = [(k2model.optim, "newton_schulz"), (k2model.parallel, "clip_grad_norm_"),
-               (k2model.qk_clip, "qk_clip"), (k2model.moe, "update_router_bias")]
+               (k2model.qk_clip, "qk_clip"), (k2model.moe, "update_router_bias"),
+               (k2model.layers, "causal_max_logit_per_head")]
     originals = [getattr(m, n) for m, n in patches]
     for (module, name), fn in zip(patches, originals):
         setattr(module, name, timed(name, fn))
     trainer.optimizer.step = timed("optimizer_step", trainer.optimizer.step)
     trainer.grad_sync.finish = timed("gradient_sync", trainer.grad_sync.finish)
+    model_forward = trainer.model.forward
+    trainer.model.forward = timed("forward", model_forward)
+
+    def backward(loss: torch.Tensor) -> None:
+        sync()
+        start = time.perf_counter()
+        loss.backward()
+        sync()
+        phases["backward"] = phases.get("backward", 0.0) + time.perf_counter() - start
+
+    def timed_forward_backward(trainer_, micro_batches):
+        """The default accumulation loop, with the backward timed apart from the forward."""
+        total = lm = 0.0
+        for micro, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer_.autocast):
+                out = trainer_.model(inputs, targets)
+            if micro == trainer_.accum - 1:
+                trainer_.grad_sync.arm()
+            backward(out.loss / trainer_.accum)
+            total, lm = total + out.loss.detach().double(), lm + out.lm_loss.detach().double()
+        return total / trainer_.accum, lm / trainer_.accum
+
+    trainer.forward_backward = timed_forward_backward
     try:
         sync()
         t1 = time.perf_counter()
@@ -179,19 +210,33 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
     finally:
         for (module, name), fn in zip(patches, originals):
             setattr(module, name, fn)
+        trainer.model.forward = model_forward
     breakdown = {name: seconds / steps for name, seconds in phases.items()}
     breakdown["optimizer_step_without_newton_schulz"] = (breakdown.get("optimizer_step", 0.0)
                                                          - breakdown.get("newton_schulz", 0.0))
-    breakdown["forward_backward_and_rest"] = timed_step_s - sum(
-        v for k, v in breakdown.items() if k not in ("newton_schulz", "optimizer_step_without_newton_schulz"))
+    breakdown["forward_without_recording"] = (breakdown.get("forward", 0.0)
+                                              - breakdown.get("causal_max_logit_per_head", 0.0))
+    inner = ("newton_schulz", "optimizer_step_without_newton_schulz", "causal_max_logit_per_head",
+             "forward_without_recording")
+    breakdown["rest"] = timed_step_s - sum(v for k, v in breakdown.items() if k not in inner)
     tokens = global_batch * seq
+    model_flops_step = tokens * flops_per_token(cfg.model, seq)
+    ns_flops = trainer.optimizer.last_step_stats.get("ns_flops", 0)
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
               "preset": preset, "dtype": "bfloat16 autocast" if cuda else "float32", "seq_len": seq,
               "micro_batch": micro, "global_batch": global_batch, "steps": steps,
               "matmul_flops_per_s": peak, "step_s": step_s, "tokens_per_s": tokens / step_s,
               "mfu": tokens * flops_per_token(cfg.model, seq) / step_s / peak,
               "timed_step_s": timed_step_s, "breakdown_s": breakdown, "ns_dtype": trainer.optimizer.ns_dtype,
-              "ns_share": breakdown.get("newton_schulz", 0.0) / timed_step_s}
+              "ns_share": breakdown.get("newton_schulz", 0.0) / timed_step_s,
+              # The FLOP model's share of Newton-Schulz: at this batch, and at 1M tokens a step.
+              "ns_flop_share": ns_flops / (ns_flops + model_flops_step),
+              "ns_flop_share_at_1m_tokens": ns_flops / (ns_flops + (1 << 20) * flops_per_token(cfg.model, seq)),
+              "recording_share": breakdown.get("causal_max_logit_per_head", 0.0) / timed_step_s}
+    result["ns_share_over_flop_share"] = result["ns_share"] / max(result["ns_flop_share"], 1e-12)
+    if nominal_flops:
+        result["nominal_flops_per_s"] = nominal_flops
+        result["mfu_nominal"] = model_flops_step / step_s / nominal_flops
     if cuda:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
@@ -204,7 +249,8 @@ def main(argv=None) -> None:
         cuda = device.type == "cuda"
         r = device_breakdown(args.preset, device, args.steps or (20 if cuda else 3),
                              args.seq or (1024 if cuda else 256), args.micro or (16 if cuda else 4),
-                             args.global_batch or (64 if cuda else 8))
+                             args.global_batch or (64 if cuda else 8),
+                             nominal_flops=args.nominal_tflops * 1e12 if args.nominal_tflops else None)
         print(f"{r['preset']} on {r['device_name']}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%} of the "
               f"measured {r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; Newton-Schulz share {r['ns_share']:.1%}")
         print(table([{"phase": k, "seconds": v, "share": v / r["timed_step_s"]} for k, v in r["breakdown_s"].items()],

@@ -33,6 +33,11 @@ def test_the_dry_run_runs_what_a_cpu_can_and_says_what_it_skipped(tmp_path):
     assert "test_cuda.py::test_nccl_refuses_a_cpu_tensor" in (tmp_path / "tests.log").read_text()
     bench = json.loads((tmp_path / "bench-dry.json").read_text())
     assert bench["device"] == "cpu" and bench["tokens_per_s"] > 0 and bench["preset"] == "tiny"
+    phases = bench["breakdown_s"]
+    assert {"forward", "backward", "causal_max_logit_per_head", "gradient_sync", "optimizer_step",
+            "newton_schulz", "qk_clip"} <= set(phases)
+    assert 0 < phases["causal_max_logit_per_head"] < phases["forward"]
+    assert 0 < bench["ns_flop_share_at_1m_tokens"] < bench["ns_flop_share"] < 1 and bench["recording_share"] > 0
     # Without --dry-run on a machine without a GPU: refused, nothing run.
     refused = gpu_check("env", out=tmp_path / "real")
     assert refused.returncode == 2 and "run with --dry-run" in refused.stderr

@@ -50,8 +50,16 @@ def ray_cluster(s3_server):
 
 
 def run_data_stages(cfg) -> DataOutputs:
-    """The DAG's data slice, as ``k2pipe data`` runs it."""
+    """The DAG's data slice, as ``k2pipe data`` runs it (each stage a Ray task)."""
     return DataOutputs.of(run_pipeline(cfg, until="shard").stage_outputs)
+
+
+def stage_functions_in_process(cfg) -> DataOutputs:
+    """The three stage functions called here, one after another: the units the DAG runs (this skips the
+    stage tasks' start-up; the DAG's own runs are ``test_complete_stages_are_reused`` and the S3 test)."""
+    ingest = run_ingest(cfg.data, cfg.storage.root)
+    tokenizer = run_tokenizer(cfg.data, ingest, cfg.storage.root)
+    return DataOutputs(ingest, tokenizer, shard_stage.run_shard(cfg.data, ingest, tokenizer, cfg.storage.root))
 
 
 def make_doc(rng: random.Random, i: int) -> str:
@@ -108,7 +116,7 @@ def local_run(tmp_path_factory):
     corpus = str(base / "corpus")
     write_corpus(corpus)
     cfg = run_config(corpus, str(base / "root"))
-    return cfg, run_data_stages(cfg)
+    return cfg, stage_functions_in_process(cfg)
 
 
 def shard_bytes(manifest) -> dict[str, list[bytes]]:
