@@ -12,13 +12,13 @@ Inputs (``data.corpus``; suffixes decide the format):
 
 Other files are listed as skipped (``unsupported_type``); names starting with ``.`` or ``_`` are ignored.
 
-How it runs: the driver lists the files (sorted by URI) and hands them to Ray Data read tasks, which parse,
-normalise (Unicode NFC, NUL characters removed) and hash documents in parallel. The stream comes back to
-the driver in file order (``preserve_order``), where one ordered consumer drops exact duplicates (first
-occurrence wins), assigns each document to train or validation by its content hash, applies
-``data.max_docs`` (the first N kept documents in (file, line/row) order) and writes the parquet parts as
-batches arrive. Nothing holds the corpus in memory; the driver keeps 16 bytes per distinct document for
-deduplication.
+How it runs: the driver lists the files (sorted by URI) and hands them to Ray Data read tasks
+(``pipelines.stages.readers``), which parse, normalise (Unicode NFC, NUL characters removed) and hash
+documents in parallel. The stream comes back to the driver in file order (``preserve_order``), where
+one ordered consumer drops exact duplicates (first occurrence wins), assigns each document to train or
+validation by its content hash, applies ``data.max_docs`` (the first N kept documents in (file, line/row)
+order) and writes the parquet parts as batches arrive. Nothing holds the corpus in memory; the driver
+keeps 16 bytes per distinct document for deduplication.
 
 Bad input: a document larger than ``data.max_doc_bytes`` is caught from the file size (``.txt``) or the
 raw line/value length (``.jsonl``/``.parquet``) before it is decoded or parsed. Invalid UTF-8, invalid

@@ -45,22 +45,23 @@ def test_a_bad_config_value_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_a_stage_entry_point_is_the_dag_until_that_stage(tmp_path):
-    """``python -m pipelines.stages STAGE`` takes ``k2pipe run``'s flags; what it would run is checked first."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+def test_a_stage_entry_point_is_the_dag_until_that_stage(tmp_path, capsys, monkeypatch):
+    """``python -m pipelines.stages STAGE`` takes ``k2pipe run``'s flags; what it would run is checked first
+    (called in this process: its ``__main__`` exits with what ``main`` returns)."""
+    from pipelines.console import ray_logging_env
+    from pipelines.stages.__main__ import main as stage
 
-    def stage(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipelines.stages", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
-
-    unknown = stage("sharding", "ci")
-    assert unknown.returncode == 2 and "one of ingest, tokenizer, shard, pretrain, evaluate, export" in unknown.stderr
+    for key in ("K2PIPE_DEBUG", *ray_logging_env()):  # what main sets in this process goes at teardown
+        monkeypatch.delenv(key, raising=False)
+    assert stage(["sharding", "ci"]) == 2
+    assert "one of ingest, tokenizer, shard, pretrain, evaluate, export" in capsys.readouterr().err
     # Until the tokenizer stage, a BPE vocabulary too small to train is refused before Ray starts ...
-    small = ("ci", "--set", "data.vocab_size=100", "--set", "model.vocab_size=100", "--set",
-             "tracking.enabled=false", "--storage", str(tmp_path / "s"))
-    refused = stage("tokenizer", *small)
-    assert refused.returncode == 2, refused.stderr
-    assert "data.vocab_size=100: a byte-level BPE needs at least 259 tokens" in refused.stderr
-    assert "Traceback" not in refused.stderr and not (tmp_path / "s").exists()
+    small = ["ci", "--set", "data.vocab_size=100", "--set", "model.vocab_size=100", "--set",
+             "tracking.enabled=false", "--storage", str(tmp_path / "s")]
+    assert stage(["tokenizer", *small]) == 2
+    refused = capsys.readouterr().err
+    assert "data.vocab_size=100: a byte-level BPE needs at least 259 tokens" in refused
+    assert "Traceback" not in refused and not (tmp_path / "s").exists()
     # ... and --debug, given after the stage like any other flag, shows the traceback.
-    assert "Traceback" in stage("tokenizer", *small, "--debug").stderr
+    assert stage(["tokenizer", *small, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
