@@ -43,7 +43,7 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(fn: Callable[..., Any], rank: int, world_size: int, store_port: int, out_dir: str,
-                 collective_timeout_s: float, args: tuple) -> None:
+                 collective_timeout_s: float, args: tuple, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -51,7 +51,9 @@ def _worker_main(fn: Callable[..., Any], rank: int, world_size: int, store_port:
     timeout = timedelta(seconds=collective_timeout_s)
     try:
         store = dist.TCPStore(HOST, store_port, world_size, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if "cuda" in backend or "nccl" in backend:
+            torch.cuda.set_device(rank % torch.cuda.device_count())  # ranks share the GPUs there are
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"result_{rank}.pt")
     except BaseException:
@@ -74,9 +76,11 @@ def _importable(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_workers(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout_s: float = 110.0,
-                collective_timeout_s: float = 60.0, grace_s: float = 5.0) -> list[Any]:
+                collective_timeout_s: float = 60.0, grace_s: float = 5.0, backend: str = "gloo") -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, each run in its own
-    gloo rank. Raises ``WorkerError`` if any rank fails or the run exceeds ``timeout_s``."""
+    rank of a ``backend`` group (gloo on CPUs; ``cuda:gloo`` lets ranks share one GPU with a group that
+    takes CUDA tensors only, as NCCL does). Raises ``WorkerError`` if any rank fails or the run exceeds
+    ``timeout_s``."""
     fn = _importable(fn)
     ctx = mp.get_context("forkserver")
     # The fork server imports these once; every worker is then forked from it ready to run, instead of
@@ -90,7 +94,8 @@ def run_workers(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout
                           wait_for_workers=False)
     with tempfile.TemporaryDirectory(prefix="k2dist-") as out_dir:
         procs = [ctx.Process(target=_worker_main, daemon=True,
-                             args=(fn, rank, world_size, store.port, out_dir, collective_timeout_s, args))
+                             args=(fn, rank, world_size, store.port, out_dir, collective_timeout_s, args,
+                                   backend))
                  for rank in range(world_size)]
         for p in procs:
             p.start()

@@ -69,3 +69,21 @@ def test_nccl_refuses_a_cpu_tensor_and_control_values_travel_on_the_gpu():
         assert all_reduce_(torch.ones(2, device="cuda")).sum().item() == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_a_muonclip_step_on_cuda_matches_the_cpu_reference():
+    """The same gradients, one MuonClip step (Newton-Schulz in fp32) on the CPU and on the GPU: the
+    parameters agree to fp32 rounding (TF32 stays off for fp32 matmuls)."""
+    from k2model.config import OptimizerConfig
+    from k2model.optim import build_optimizer
+
+    cfg = preset_config("tiny")
+    cpu, gpu = build_model(cfg, seed=0), build_model(cfg, seed=0).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    cpu(ids[:, :-1], ids[:, 1:]).loss.backward()
+    gpu(ids[:, :-1].cuda(), ids[:, 1:].cuda()).loss.backward()
+    opt_cfg = OptimizerConfig(ns_dtype="float32")
+    for model in (cpu, gpu):
+        build_optimizer(model, opt_cfg, 3e-3, distributed=False).step()
+    for (name, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        assert (a - b.detach().cpu()).abs().max() < 1e-5, name

@@ -61,12 +61,14 @@ class StopBefore(Callback):
             raise self.Stopped
 
 
-def run_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...], stop_before: int | None) -> dict:
+def run_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...], stop_before: int | None,
+             device: str = "cpu") -> dict:
     cfg = _config(*extra)
     use_deterministic(cfg.train.deterministic)  # as the Ray Train worker entry does
     seed_everything(cfg.train.seed)
     val = [Batches(2, world, rank).batch(10_000, 0)]
-    trainer = Trainer(cfg, Batches(cfg.train.micro_batch_size, world, rank), val)
+    trainer = Trainer(cfg, Batches(cfg.train.micro_batch_size, world, rank), val,
+                      torch.device(device, torch.cuda.current_device()) if device == "cuda" else None)
     fs = pafs.LocalFileSystem()
     registry = checkpointing.LocalRegistry(fs, run_dir, rank, keep=cfg.train.keep_checkpoints)
     writer = checkpointing.CheckpointWriter(
@@ -144,3 +146,35 @@ def test_non_finite_steps_restore_the_latest_checkpoint(uninterrupted, tmp_path)
         # Restored at step 4 with the three poisoned steps spent, the run then trains steps 4..7 again
         # cleanly and ends where the uninterrupted run ends.
         _assert_same_state(result["state"], uninterrupted[rank]["state"])
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_ranks_on_one_gpu_over_a_cuda_only_group_validate_checkpoint_and_resume_bit_for_bit(tmp_path, ep):
+    """The GPU path's collectives under a group that refuses CPU tensors, as NCCL does (``cuda:gloo``
+    lets two ranks share one GPU): validation, checkpoints, a stop and a resume, bit-equal to the
+    uninterrupted run under ``train.deterministic`` (bf16 autocast, as the worker runs on a GPU)."""
+    extra = ("train.deterministic=true", f"train.ep={ep}")
+    kwargs = {"backend": "cuda:gloo", "timeout_s": 300}
+    straight = run_workers(run_rank, 2, str(tmp_path / "straight"), extra, None, "cuda", **kwargs)
+    first = run_workers(run_rank, 2, str(tmp_path / "resumed"), extra, 6, "cuda", **kwargs)
+    assert all(r["stopped"] and r["state"]["step"] == 6 for r in first)
+    resumed = run_workers(run_rank, 2, str(tmp_path / "resumed"), extra, None, "cuda", **kwargs)
+    logged = dict(straight[0]["logged"])
+    assert math.isfinite(logged[4]["val/loss"]) and logged[8]["val/loss"] == dict(straight[1]["logged"])[8]["val/loss"]
+    for rank in range(2):
+        assert [p.rsplit("/", 1)[1] for p in straight[rank]["registered"]] == ["checkpoint-step00000004",
+                                                                             "checkpoint-step00000008"]
+        assert resumed[rank]["restored_step"] == 4
+        _assert_same_state(resumed[rank]["state"], straight[rank]["state"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_rank_on_nccl_trains_validates_and_checkpoints(tmp_path):
+    (result,) = run_workers(run_rank, 1, str(tmp_path), ("train.num_workers=1", "train.ep=1"), None, "cuda",
+                            backend="nccl", timeout_s=300)
+    logged = dict(result["logged"])
+    assert result["state"]["step"] == STEPS and math.isfinite(logged[8]["val/loss"])
+    assert [p.rsplit("/", 1)[1] for p in result["registered"]][-1] == "checkpoint-step00000008"
