@@ -6,7 +6,9 @@
 # env    versions, and the APIs the GPU path needs, called (benchmarks/gpu_env.py): fails loudly
 #        if F.grouped_mm or another is missing instead of letting the run take a fallback.
 # tests  pytest -m cuda: the model in bf16 against fp32, the router in fp32 under autocast,
-#        Newton-Schulz on the GPU against the CPU reference, NCCL's device checks.
+#        Newton-Schulz and a MuonClip step on the GPU against the CPU reference, NCCL's device
+#        checks; the trainer on 2 ranks sharing the GPU over cuda:gloo (validation, checkpoints, a
+#        stop and a bit-equal resume, ep 1 and 2) and on 1 rank over NCCL.
 # bench  benchmarks.train --device cuda for the presets small and medium (medium at sequence 4096,
 #        micro-batch 4, 8 micro-batches a step): tokens/s, MFU, peak memory, the step split.
 # peer   the same medium step in transformers' DeepseekV3ForCausalLM: not written yet (says so, fails).
