@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="count total and active parameters of a preset or a config.json")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="model preset (tiny, small, k2-1t, deepseek-v3)")
+    src.add_argument("--preset", help="model preset (tiny, small, medium, k2-1t, deepseek-v3)")
     src.add_argument("--hf-config", help="a DeepSeek-V3 family config.json")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def gpu_check(*args: str, out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the dry run is for machines without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
 def test_the_dry_run_runs_what_a_cpu_can_and_says_what_it_skipped(tmp_path):
     done = gpu_check("--dry-run", "env", "tests", "bench", out=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
