@@ -178,28 +178,9 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
     trainer.grad_sync.finish = timed("gradient_sync", trainer.grad_sync.finish)
     model_forward = trainer.model.forward
     trainer.model.forward = timed("forward", model_forward)
-
-    def backward(loss: torch.Tensor) -> None:
-        sync()
-        start = time.perf_counter()
-        loss.backward()
-        sync()
-        phases["backward"] = phases.get("backward", 0.0) + time.perf_counter() - start
-
-    def timed_forward_backward(trainer_, micro_batches):
-        """The default accumulation loop, with the backward timed apart from the forward."""
-        total = lm = 0.0
-        for micro, (inputs, targets) in enumerate(micro_batches):
-            inputs, targets = inputs.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer_.autocast):
-                out = trainer_.model(inputs, targets)
-            if micro == trainer_.accum - 1:
-                trainer_.grad_sync.arm()
-            backward(out.loss / trainer_.accum)
-            total, lm = total + out.loss.detach().double(), lm + out.lm_loss.detach().double()
-        return total / trainer_.accum, lm / trainer_.accum
-
-    trainer.forward_backward = timed_forward_backward
+    # The trainer's own accumulation loop runs; ``Tensor.backward`` calls ``torch.autograd.backward``.
+    autograd_backward = torch.autograd.backward
+    torch.autograd.backward = timed("backward", autograd_backward)
     try:
         sync()
         t1 = time.perf_counter()
@@ -211,6 +192,7 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
         for (module, name), fn in zip(patches, originals):
             setattr(module, name, fn)
         trainer.model.forward = model_forward
+        torch.autograd.backward = autograd_backward
     breakdown = {name: seconds / steps for name, seconds in phases.items()}
     breakdown["optimizer_step_without_newton_schulz"] = (breakdown.get("optimizer_step", 0.0)
                                                          - breakdown.get("newton_schulz", 0.0))

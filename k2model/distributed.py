@@ -202,11 +202,16 @@ def _timed(call: str, name: str, group: dist.ProcessGroup | None, fn: Callable[[
         raise
 
 
-def wait(work: dist.Work | None, call: str = "collective", name: str = "tensor",
-         group: dist.ProcessGroup | None = None) -> None:
-    """Wait for an asynchronous collective started here (None: nothing was started)."""
-    if work is not None:
-        _timed(call, name, group, work.wait)
+class Pending:
+    """An asynchronous collective started here (``work`` None: nothing needed starting); ``wait()`` for it,
+    a timeout naming the call."""
+
+    def __init__(self, work: dist.Work | None, call: str, name: str, group: dist.ProcessGroup | None):
+        self.work, self.call, self.name, self.group = work, call, name, group
+
+    def wait(self) -> None:
+        if self.work is not None:
+            _timed(self.call, self.name, self.group, self.work.wait)
 
 
 def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
@@ -221,22 +226,22 @@ def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceO
 
 
 def all_reduce_async(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, name: str,
-                     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> dist.Work | None:
-    """Start an in-place all-reduce of ``tensor``; ``wait`` the result. None without a distributed run."""
+                     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Pending:
+    """Start an in-place all-reduce of ``tensor`` over ``group`` (None: the world); ``wait()`` the result."""
     if not is_distributed(group):
-        return None
+        return Pending(None, "all_reduce", name, group)
     _check("all_reduce", name, group, tensor)
-    return dist.all_reduce(tensor, op=op, group=group, async_op=True)
+    return Pending(dist.all_reduce(tensor, op=op, group=group, async_op=True), "all_reduce", name, group)
 
 
 def broadcast_async(tensor: torch.Tensor, group_src: int, group: dist.ProcessGroup | None, *,
-                    name: str) -> dist.Work | None:
+                    name: str) -> Pending:
     """Start a broadcast of ``tensor`` from rank ``group_src`` of ``group`` (None: the world)."""
     if not is_distributed(group):
-        return None
+        return Pending(None, "broadcast", name, group)
     _check("broadcast", name, group, tensor)
     src = dist.get_global_rank(group, group_src) if group is not None else group_src
-    return dist.broadcast(tensor, src=src, group=group, async_op=True)
+    return Pending(dist.broadcast(tensor, src=src, group=group, async_op=True), "broadcast", name, group)
 
 
 def all_to_all_single_(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,

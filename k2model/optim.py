@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from k2model.config import OptimizerConfig
-from k2model.distributed import agree, broadcast_async, wait
+from k2model.distributed import agree, broadcast_async
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -464,7 +464,7 @@ class MuonClip(torch.optim.Optimizer):
             work = broadcast_async(flat, owner, self.process_group, name=f"Muon parameters of rank {owner}")
             pending.append((owner, params, flat, work))
         for owner, params, flat, work in pending:
-            wait(work, "broadcast", f"Muon parameters of rank {owner}", self.process_group)
+            work.wait()
             if owner != self.rank:
                 offset = 0
                 for p in params:

@@ -43,7 +43,7 @@ from torch import nn
 
 from k2model.config import ModelConfig
 from k2model.dispatch import AllToAllDispatcher, ExpertDispatcher
-from k2model.distributed import ParallelLayout, all_reduce_, all_reduce_async, wait
+from k2model.distributed import ParallelLayout, Pending, all_reduce_, all_reduce_async
 from k2model.model import K2ForCausalLM, build_model
 from k2model.moe import GroupedExperts
 
@@ -155,7 +155,7 @@ class GradientSync:
     def _reset(self) -> None:
         self._missing = [len(params) for params, _ in self.buckets]
         self._next = 0
-        self._pending: list[tuple[int, torch.Tensor, dist.Work | None]] = []
+        self._pending: list[tuple[int, torch.Tensor, Pending | None]] = []
 
     def arm(self) -> None:
         """Call before the last backward of the step: reduce gradients as soon as they are final."""
@@ -187,7 +187,8 @@ class GradientSync:
         while self._next < len(self.buckets):
             self._launch(self._next)
         for i, flat, work in self._pending:
-            wait(work, "all_reduce", f"gradient bucket {i}", self.buckets[i][1])
+            if work is not None:
+                work.wait()
             flat.div_(self.layout.world_size)
             offset = 0
             for p in self.buckets[i][0]:

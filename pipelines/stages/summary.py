@@ -21,10 +21,6 @@ class DataOutputs:
         """From a pipeline run's ``stage_outputs`` (``pipelines.dag.PipelineResult``)."""
         return cls(stage_outputs["ingest"], stage_outputs["tokenizer"], stage_outputs["shard"])
 
-    @property
-    def manifest_uri(self) -> str:
-        return self.shards.uri
-
     def summary(self) -> dict[str, object]:
         """The headline figures as plain data (for the command line and MLflow)."""
         st = self.ingest.stats

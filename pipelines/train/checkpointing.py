@@ -190,11 +190,14 @@ class CheckpointWriter:
         step, future, metrics = self._pending
         if wait:
             concurrent.futures.wait([future])
-        # Every rank must make the same decision: done only when all uploads finished.
-        if agree(int(future.done()), dist.ReduceOp.MIN) == 0:
+        # Every rank makes the same decision, from one reduction: 0 this rank's upload is still running,
+        # 1 it failed, 2 it landed; the MIN over ranks says whether all finished and whether all landed.
+        error = future.exception() if future.done() else None
+        verdict = agree(0 if not future.done() else 1 if error is not None else 2, dist.ReduceOp.MIN,
+                        name="checkpoint uploads")
+        if verdict == 0:
             return
-        error = future.exception()
-        ok = agree(int(error is None), dist.ReduceOp.MIN) == 1
+        ok = verdict == 2
         self._pending = None
         folder = self.path_for(step)
         if ok:

@@ -24,6 +24,7 @@ checkpointed state is model, optimizer, step, bad-step streak and RNG states.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ from k2model import moe, parallel, qk_clip, schedule
 from k2model.config import flops_per_token
 from k2model.distributed import ParallelLayout, all_ranks_finite, all_reduce_
 from pipelines.config import RunConfig
+from pipelines.train.checkpointing import CheckpointRegistry, CheckpointWriter, ReshardSpec
 
 # Keys of the config that change the math: a checkpoint written under other values is refused.
 MATH_SECTIONS = ("model", "optimizer")
@@ -207,6 +209,13 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
+    def checkpoint_writer(self, fs: Any, experiment_path: str, registry: CheckpointRegistry) -> CheckpointWriter:
+        """The writer of this rank's checkpoints into ``experiment_path``: this run's math signature and
+        layout, and how to reshard a checkpoint of another layout into it."""
+        return CheckpointWriter(fs, experiment_path, self.rank, signature=math_signature(self.cfg),
+                                world_size=self.world, ep=self.layout.ep, registry=registry,
+                                reshard=ReshardSpec(self.cfg.model.num_experts, self.optimizer.computes_here))
+
     # ------------------------------------------------------------------ one step
     def micro_batches(self, step: int) -> Iterator[Batch]:
         """This rank's micro-batches of ``step``, read as they are needed."""
@@ -229,9 +238,10 @@ class Trainer:
             grad_norm = parallel.clip_grad_norm_(self.model, self.layout, t.grad_clip)
         else:
             grad_norm = parallel.global_grad_norm(self.model, self.layout)
-        # The one host read of the step: every rank's verdict on its loss and the global norm.
+        # Every rank's verdict on its loss and the global norm (the step's first host read), then the
+        # logged values, read together once everything is computed.
         finite = all_ranks_finite(torch.isfinite(loss_t) & torch.isfinite(grad_norm))
-        loss, lm_loss = float(loss_t), float(lm_loss_t)
+        loss, lm_loss, norm = torch.stack([loss_t, lm_loss_t, grad_norm.double()]).tolist()
         lr = schedule.lr_at(self.global_step, t.steps, t.lr, t.schedule, t.warmup_steps, t.decay_fraction,
                             t.min_lr_ratio)
         if not finite:
@@ -239,7 +249,7 @@ class Trainer:
             self.skipped_total += 1
             for p in self.model.parameters():
                 p.grad = None
-            result = StepResult(self.global_step, loss, lm_loss, float(grad_norm), lr, True,
+            result = StepResult(self.global_step, loss, lm_loss, norm, lr, True,
                                 self.tokens_per_step, time.perf_counter() - t0)
             self.global_step += 1
             return result
@@ -248,7 +258,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         extra = self._post_step()
-        result = StepResult(self.global_step, loss, lm_loss, float(grad_norm), lr, False, self.tokens_per_step,
+        result = StepResult(self.global_step, loss, lm_loss, norm, lr, False, self.tokens_per_step,
                             time.perf_counter() - t0, extra)
         self.global_step += 1
         return result
@@ -310,13 +320,11 @@ its workspace, NCCL its algorithm, once per process)."""
 
 def use_deterministic(enabled: bool) -> None:
     """``train.deterministic``: deterministic kernels only (an error names any op without one)."""
-    import os
-
     if enabled:
         for key, value in DETERMINISTIC_ENV.items():
             os.environ.setdefault(key, value)
+        torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
 
 
 def seed_everything(seed: int) -> None:

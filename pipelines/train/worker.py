@@ -19,8 +19,8 @@ from k2model.distributed import ParallelLayout
 from pipelines.config import config_from_dict
 from pipelines.console import quiet_worker_logging, say
 from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
-from pipelines.train import callbacks, checkpointing
-from pipelines.train.trainer import Trainer, math_signature, measure_matmul_flops, seed_everything, use_deterministic
+from pipelines.train import callbacks
+from pipelines.train.trainer import Trainer, measure_matmul_flops, seed_everything, use_deterministic
 
 
 class RayTrainRegistry:
@@ -79,10 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     storage = ctx.get_storage()
     fs = storage.storage_filesystem
-    writer = checkpointing.CheckpointWriter(
-        fs, storage.experiment_fs_path, rank, signature=math_signature(cfg), world_size=world, ep=t.ep,
-        registry=RayTrainRegistry(fs),
-        reshard=checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here))
+    writer = trainer.checkpoint_writer(fs, storage.experiment_fs_path, RayTrainRegistry(fs))
     callbacks.restore_latest(trainer, writer)
 
     logger = system_metrics = None

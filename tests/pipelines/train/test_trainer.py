@@ -17,7 +17,7 @@ import torch
 from k2model.testing import run_workers
 from pipelines.config import load_config
 from pipelines.train import callbacks, checkpointing
-from pipelines.train.trainer import Callback, Trainer, math_signature, seed_everything, use_deterministic
+from pipelines.train.trainer import Callback, Trainer, seed_everything, use_deterministic
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 8
 
@@ -71,9 +71,7 @@ def run_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...], stop_b
                       torch.device(device, torch.cuda.current_device()) if device == "cuda" else None)
     fs = pafs.LocalFileSystem()
     registry = checkpointing.LocalRegistry(fs, run_dir, rank, keep=cfg.train.keep_checkpoints)
-    writer = checkpointing.CheckpointWriter(
-        fs, run_dir, rank, signature=math_signature(cfg), world_size=world, ep=cfg.train.ep, registry=registry,
-        reshard=checkpointing.ReshardSpec(cfg.model.num_experts, trainer.optimizer.computes_here))
+    writer = trainer.checkpoint_writer(fs, run_dir, registry)
     restored = callbacks.restore_latest(trainer, writer)
     logged: list[tuple[int, dict]] = []
     trainer.callbacks = callbacks.standard_callbacks(trainer, writer, peak_flops=1e12,
