@@ -1,11 +1,12 @@
 """The prepared device run, ``benchmarks/gpu_check.sh``, as CI can run it: ``--dry-run`` on the CPU runs
-every part that can run without a GPU, writes its JSON and logs to ``$OUT``, and says what it skipped; a
-part that is not written yet fails and says so."""
+every part that can run without a GPU, writes its JSON and logs to ``$OUT``, and says what it skipped,
+with the packages the device image lacks made absent, as they are there."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def gpu_check(*args: str, out: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
 def test_the_dry_run_runs_what_a_cpu_can_and_says_what_it_skipped(tmp_path):
-    done = gpu_check("--dry-run", "env", "tests", "bench", out=tmp_path)
+    done = gpu_check("--dry-run", out=tmp_path)  # every part
     assert done.returncode == 0, done.stdout + done.stderr
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["cuda_available"] is False and env["problems"] == []
@@ -42,6 +43,24 @@ def test_the_dry_run_runs_what_a_cpu_can_and_says_what_it_skipped(tmp_path):
     # Without --dry-run on a machine without a GPU: refused, nothing run.
     refused = gpu_check("env", out=tmp_path / "real")
     assert refused.returncode == 2 and "run with --dry-run" in refused.stderr
-    # The part not written yet fails, saying so.
-    peer = gpu_check("--dry-run", "peer", out=tmp_path / "peer")
-    assert peer.returncode == 1 and "not written yet" in peer.stdout
+    # The peer: transformers' model loaded from a k2pipe export, its logits checked, both timed.
+    peer = json.loads((tmp_path / "peer-dry.json").read_text())
+    assert peer["logits"]["logits_match"] and peer["logits"]["relative"] < 1e-4
+    assert peer["peer_kernels"] == {"attention": "sdpa", "experts": "grouped_mm"}
+    assert set(peer["tokens_per_s"]) == {"k2pipe", "transformers", "transformers_bf16"}
+    assert all(len(t) == 2 for t in peer["step_s_all_rounds"].values())
+
+
+def test_the_device_run_collects_every_module_with_cuda_tests_and_nothing_the_image_lacks():
+    """The device run names the test modules it collects (collecting the whole tree there would import Ray,
+    which the image lacks): the list is every module with a ``cuda`` test, and under the dry run's
+    ``benchmarks/device_image`` the packages missing there are absent here too."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    listed = set(re.search(r"^CUDA_TEST_MODULES=\(([^)]*)\)", script, re.M).group(1).split())
+    marked = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+              if re.search(r"^(@pytest\.mark\.cuda|pytestmark = .*\bcuda\b)", p.read_text(), re.M)}
+    assert listed == marked
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "device_image")}
+    probe = ("import importlib.util as u, sys; import torch, yaml, pyarrow, safetensors; "
+             "sys.exit(sum(u.find_spec(m) is not None for m in ('ray', 'mlflow', 'boto3', 'moto', 'zstandard')))")
+    assert subprocess.run([sys.executable, "-c", probe], env=env, timeout=60).returncode == 0

@@ -18,14 +18,11 @@ from k2model.optim import (
     MuonClip,
     build_optimizer,
     merge_state_dicts,
-    native_bf16_matmul,
     newton_schulz,
     newton_schulz_flops,
-    resolve_ns_dtype,
     split_params,
 )
 from k2model.schedule import set_lr
-from k2model.testing import run_workers
 
 # Defaults to optimizer.ns_dtype=auto: rerun as the other CPU kind by `make test` (tests/conftest.py).
 pytestmark = pytest.mark.auto_dtype
@@ -110,23 +107,7 @@ def test_newton_schulz_rejects_vectors_and_counts_flops():
 
 
 # ---------------------------------------------------------------------- Newton-Schulz dtype
-def test_ns_dtype_auto_follows_the_hardware_and_names_pass_through(monkeypatch):
-    assert resolve_ns_dtype("bfloat16", "cpu") == "bfloat16" and resolve_ns_dtype("float32", "cpu") == "float32"
-    with pytest.raises(ValueError, match="ns_dtype='float16'.*'auto'"):
-        resolve_ns_dtype("float16", "cpu")
-    with pytest.raises(ValueError, match="optimizer.ns_dtype='half'"):
-        OptimizerConfig(ns_dtype="half")
-    cases = [({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
-             ({"amx_tile", "amx_bf16"}, "bfloat16"), ({"asimd", "bf16"}, "bfloat16"), (set(), "float32")]
-    for flags, expected in cases:
-        flags = frozenset(flags)
-        monkeypatch.setattr(optim, "_cpu_flags", lambda flags=flags: flags)
-        assert native_bf16_matmul("cpu") == (expected == "bfloat16")
-        assert resolve_ns_dtype("auto", "cpu") == expected
-        opt = MuonClip([("w", nn.Parameter(torch.randn(4, 8)))], [], lr=0.1, cfg=OptimizerConfig())
-        assert opt.ns_dtype == expected
-
-
+# What auto resolves to, for given CPU flags and across ranks: tests/k2model/test_ns_dtype.py.
 def test_a_resumed_optimizer_keeps_the_ns_dtype_it_was_saved_with(monkeypatch):
     """A checkpoint written where auto meant bf16 continues in bf16 on a CPU without it (and the reverse)."""
     W0 = torch.randn(8, 16)
@@ -149,22 +130,6 @@ def test_a_resumed_optimizer_keeps_the_ns_dtype_it_was_saved_with(monkeypatch):
         resumed, resumed_opt = run(resumed_flags, grads[1:], (first, _roundtrip(first_opt.state_dict())))
         assert resumed_opt.ns_dtype == straight_opt.ns_dtype == first_opt.ns_dtype
         assert torch.equal(resumed, straight)
-
-
-def _agreement_worker(rank, world_size, flags_per_rank):
-    optim._cpu_flags = lambda: flags_per_rank[rank]
-    w = nn.Parameter(torch.randn(4, 8))
-    auto = MuonClip([("w", w)], [], lr=0.1, cfg=OptimizerConfig(), distributed=True)
-    pinned = MuonClip([("w", w)], [], lr=0.1, cfg=OptimizerConfig(ns_dtype="bfloat16"), distributed=True)
-    return auto.ns_dtype, pinned.ns_dtype
-
-
-def test_ns_dtype_auto_is_agreed_by_every_rank():
-    """bf16 only if every rank has it: replicas of one expert shard must orthogonalise alike."""
-    mixed = run_workers(_agreement_worker, 2, [frozenset({"amx_bf16"}), frozenset({"avx2"})])
-    assert mixed == [("float32", "bfloat16")] * 2
-    both = run_workers(_agreement_worker, 2, [frozenset({"amx_bf16"}), frozenset({"avx512_bf16"})])
-    assert both == [("bfloat16", "bfloat16")] * 2
 
 
 # ---------------------------------------------------------------------- Muon against its formula

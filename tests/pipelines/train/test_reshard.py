@@ -130,14 +130,30 @@ def _assert_close_params(a: dict, b: dict, what: str, ns_dtype: str) -> None:
     assert flips <= BF16_MAX_BIAS_FLIPS, f"{what}: {flips} router-bias elements differ by a step or more"
 
 
-@pytest.fixture(scope="module", params=NS_DTYPES)
-def two_worker_ep2(request, tmp_path_factory):
+def train_both_dtypes(rank: int, world: int, ep: int, folders: dict[str, str]) -> dict[str, tuple[dict, dict]]:
+    """For each Newton-Schulz dtype, one after the other in these processes: the run saved at step 3, and
+    the same run carried on uninterrupted to STEPS."""
+    return {d: (train_and_save(rank, world, ep, 3, folders[d], d), train_and_save(rank, world, ep, STEPS, None, d))
+            for d in NS_DTYPES}
+
+
+def resume_both_dtypes(rank: int, world: int, ep: int, folders: dict[str, str], steps: int
+                       ) -> dict[str, tuple[dict, dict]]:
+    return {d: resume_and_train(rank, world, ep, folders[d], steps, d) for d in NS_DTYPES}
+
+
+@pytest.fixture(scope="module")
+def two_worker_ep2_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ep2")
+    folders = {d: str(base / d / "checkpoint-step00000003") for d in NS_DTYPES}
+    per_rank = run_workers(train_both_dtypes, 2, 2, folders)
+    return {d: (folders[d], [r[d][0] for r in per_rank], [r[d][1] for r in per_rank]) for d in NS_DTYPES}
+
+
+@pytest.fixture(params=NS_DTYPES)
+def two_worker_ep2(request, two_worker_ep2_runs):
     """A 2-worker ep=2 run saved at step 3, and the same run carried on uninterrupted to STEPS."""
-    ns_dtype = request.param
-    folder = str(tmp_path_factory.mktemp("ep2") / "checkpoint-step00000003")
-    saved = run_workers(train_and_save, 2, 2, 3, folder, ns_dtype)
-    uninterrupted = run_workers(train_and_save, 2, 2, STEPS, None, ns_dtype)
-    return folder, saved, uninterrupted, ns_dtype
+    return (*two_worker_ep2_runs[request.param], request.param)
 
 
 def test_two_workers_ep2_into_one_worker(two_worker_ep2):
@@ -175,12 +191,19 @@ def test_two_workers_ep2_into_one_worker(two_worker_ep2):
     _assert_close_params(final["model"], full, "2 workers ep=2 -> 1 worker", ns_dtype)
 
 
+@pytest.fixture(scope="module")
+def one_worker_runs(tmp_path_factory):
+    """1-worker runs (saved at step 3, and uninterrupted), each resumed on 2 workers with ep=2."""
+    base = tmp_path_factory.mktemp("one")
+    folders = {d: str(base / d / "checkpoint-step00000003") for d in NS_DTYPES}
+    single = train_both_dtypes(0, 1, 1, folders)
+    per_rank = run_workers(resume_both_dtypes, 2, 2, folders, STEPS - 3)
+    return {d: (*single[d], [r[d] for r in per_rank]) for d in NS_DTYPES}
+
+
 @pytest.mark.parametrize("ns_dtype", NS_DTYPES)
-def test_one_worker_into_two_workers_ep2(tmp_path, ns_dtype):
-    folder = str(tmp_path / "checkpoint-step00000003")
-    saved = train_and_save(0, 1, 1, 3, folder, ns_dtype)
-    uninterrupted = train_and_save(0, 1, 1, STEPS, None, ns_dtype)
-    results = run_workers(resume_and_train, 2, 2, folder, STEPS - 3, ns_dtype)
+def test_one_worker_into_two_workers_ep2(one_worker_runs, ns_dtype):
+    saved, uninterrupted, results = one_worker_runs[ns_dtype]
     num_experts = _config(1, 1, ns_dtype).model.num_experts
     half = num_experts // 2
     owned: list[set[str]] = []

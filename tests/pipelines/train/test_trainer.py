@@ -1,7 +1,9 @@
 """The trainer with its callbacks under plain ``torch.distributed`` (2 gloo processes, ep=2), without Ray:
 metrics and validation reach the sink at the configured steps, checkpoints are registered with a
 ``LocalRegistry``, a run stopped after a checkpoint and started again resumes bit for bit, and
-non-finite steps are skipped and recovered from the latest checkpoint.
+non-finite steps are skipped and recovered from the latest checkpoint. The CPU runs share one pair of
+processes, one run after another (each a new ``Trainer`` that knows the others only by their files); a
+resume in new processes is tests/pipelines/stages/test_pretrain.py's, under Ray Train.
 
 ``optimizer.ns_dtype`` is left at ``auto``: every comparison here is of two runs on one machine, which
 resolve it alike, so the results hold whatever it resolves to (not marked ``auto_dtype``)."""
@@ -98,12 +100,32 @@ def _assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (name, key)
 
 
+DETERMINISTIC = ("train.deterministic=true",)
+NAN_STEPS = ("train.nan_injection=1:5:3", "train.max_bad_steps=3")
+
+
+def run_scenarios(rank: int, world: int, base: str) -> dict[str, dict]:
+    """Every CPU run of this module, in order, in one pair of processes."""
+    return {
+        "uninterrupted": run_rank(rank, world, f"{base}/straight", (), None),
+        "stopped": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, 6),
+        "resumed": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, None),
+        "non_finite": run_rank(rank, world, f"{base}/non-finite", NAN_STEPS, None),
+    }
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return run_workers(run_rank, 2, str(tmp_path_factory.mktemp("straight")), (), None)
+def runs(tmp_path_factory):
+    per_rank = run_workers(run_scenarios, 2, str(tmp_path_factory.mktemp("trainer")))
+    return {name: [r[name] for r in per_rank] for name in per_rank[0]}
 
 
-def test_fit_logs_validates_and_registers_checkpoints(uninterrupted, tmp_path_factory):
+@pytest.fixture(scope="module")
+def uninterrupted(runs):
+    return runs["uninterrupted"]
+
+
+def test_fit_logs_validates_and_registers_checkpoints(uninterrupted):
     rank0, rank1 = uninterrupted
     assert rank0["state"]["step"] == rank1["state"]["step"] == STEPS and rank0["restored_step"] is None
     steps = [step for step, _ in rank0["logged"]]
@@ -121,13 +143,11 @@ def test_fit_logs_validates_and_registers_checkpoints(uninterrupted, tmp_path_fa
                                                                      "checkpoint-step00000008"]
 
 
-def test_a_stopped_run_resumes_bit_for_bit(uninterrupted, tmp_path):
+def test_a_stopped_run_resumes_bit_for_bit(runs, uninterrupted):
     """Under ``train.deterministic`` (every op of the step has a deterministic kernel; on CPUs the
     results are those of the uninterrupted run without it)."""
-    run_dir = str(tmp_path)
-    first = run_workers(run_rank, 2, run_dir, ("train.deterministic=true",), 6)
-    assert all(r["stopped"] and r["state"]["step"] == 6 for r in first)
-    resumed = run_workers(run_rank, 2, run_dir, ("train.deterministic=true",), None)
+    assert all(r["stopped"] and r["state"]["step"] == 6 and r["restored_step"] is None for r in runs["stopped"])
+    resumed = runs["resumed"]
     for rank, result in enumerate(resumed):
         assert result["restored_step"] == 4, "the latest registered checkpoint is step 4"
         _assert_same_state(result["state"], uninterrupted[rank]["state"])
@@ -135,9 +155,8 @@ def test_a_stopped_run_resumes_bit_for_bit(uninterrupted, tmp_path):
     assert [s for s, _ in resumed[0]["logged"]] == [6, 8]
 
 
-def test_non_finite_steps_restore_the_latest_checkpoint(uninterrupted, tmp_path):
-    results = run_workers(run_rank, 2, str(tmp_path), ("train.nan_injection=1:5:3", "train.max_bad_steps=3"), None)
-    for rank, result in enumerate(results):
+def test_non_finite_steps_restore_the_latest_checkpoint(runs, uninterrupted):
+    for rank, result in enumerate(runs["non_finite"]):
         assert result["state"]["step"] == STEPS and result["state"]["skipped_total"] == 3
         logged = dict(result["logged"])
         assert logged[8]["train/skipped_steps"] == 3
@@ -153,7 +172,7 @@ def test_two_ranks_on_one_gpu_over_a_cuda_only_group_validate_checkpoint_and_res
     """The GPU path's collectives under a group that refuses CPU tensors, as NCCL does (``cuda:gloo``
     lets two ranks share one GPU): validation, checkpoints, a stop and a resume, bit-equal to the
     uninterrupted run under ``train.deterministic`` (bf16 autocast, as the worker runs on a GPU)."""
-    extra = ("train.deterministic=true", f"train.ep={ep}")
+    extra = (*DETERMINISTIC, f"train.ep={ep}")
     kwargs = {"backend": "cuda:gloo", "timeout_s": 300}
     straight = run_workers(run_rank, 2, str(tmp_path / "straight"), extra, None, "cuda", **kwargs)
     first = run_workers(run_rank, 2, str(tmp_path / "resumed"), extra, 6, "cuda", **kwargs)
