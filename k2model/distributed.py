@@ -19,36 +19,54 @@ import torch.distributed as dist
 
 
 class ParallelLayout:
-    """Which ranks hold which experts, and the process groups for it.
+    """Which ranks hold which layers and experts, and the process groups for it.
+
+    ``world_size = pp x dp``. Pipeline stage ``s`` (``pp`` of them) is the ``dp`` contiguous ranks
+    ``[s * dp, (s + 1) * dp)``: they hold the same layers and read different data (rank ``r`` has
+    data-parallel index ``r % dp``, which every stage's rank of that index shares). Inside a stage, as
+    without a pipeline, expert-parallel groups of ``ep`` contiguous ranks hold each routed expert once
+    (``ep`` divides ``dp``), and the ``dp / ep`` ranks of a stage with the same ep index hold the same
+    experts. Ranks of one data-parallel index, one per stage, form its pipeline group (activations and
+    their gradients pass between neighbours in it).
 
     With ``create_groups`` (the default) and more than one rank, the constructor calls
-    ``dist.new_group`` for every ep group and then every expert replica group, in the same order on all
-    ranks, so every rank must construct its layout at the same point; ``torch.distributed`` must already
-    be initialised with this world size. ``create_groups=False`` gives the rank arithmetic alone.
-    A group that is the whole world is ``dist.group.WORLD``; a group of one rank is ``None`` (nothing to
-    communicate)."""
+    ``dist.new_group`` for every group of every kind, in the same order on all ranks, so every rank must
+    construct its layout at the same point; ``torch.distributed`` must already be initialised with this
+    world size. ``create_groups=False`` gives the rank arithmetic alone. A group that is the whole world
+    is ``dist.group.WORLD``; other groups of one rank are ``None`` (nothing to communicate), except
+    ``dp_group`` and ``pp_group`` under a pipeline, which are real groups whatever their size, so that
+    passing them never means the world."""
 
-    def __init__(self, world_size: int, rank: int, ep: int = 1, *, timeout: timedelta | None = None,
+    def __init__(self, world_size: int, rank: int, ep: int = 1, pp: int = 1, *, timeout: timedelta | None = None,
                  create_groups: bool = True):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-        if ep < 1 or world_size % ep:
-            raise ValueError(f"expert-parallel degree ep={ep} must be >= 1 and divide "
-                             f"world_size={world_size}")
+        if pp < 1 or world_size % pp:
+            raise ValueError(f"pipeline-parallel degree pp={pp} must be >= 1 and divide world_size={world_size}")
+        dp = world_size // pp
+        if ep < 1 or dp % ep:
+            raise ValueError(f"expert-parallel degree ep={ep} must be >= 1 and divide the data-parallel "
+                             f"degree {dp} (world_size={world_size} / pp={pp})")
         self.world_size = world_size
         self.rank = rank
         self.ep = ep
+        self.pp = pp
         self.ep_group: dist.ProcessGroup | None = None
         """This rank's ep group (token exchange; sums of expert statistics)."""
         self.expert_replica_group: dist.ProcessGroup | None = None
-        """The ranks holding the same experts as this one (expert gradient all-reduce)."""
+        """The ranks of this stage holding the same experts as this one."""
         self.grad_group: dist.ProcessGroup | None = None
-        """All ranks, in a group of its own: gradient buckets reduced asynchronously during the backward
-        never share a group (and so a sequence of collectives) with the dispatch all-to-alls."""
+        """This stage's ranks, in a group of its own: gradient buckets reduced asynchronously during the
+        backward never share a group (and so a sequence of collectives) with the dispatch all-to-alls."""
         self.expert_grad_group: dist.ProcessGroup | None = None
         """The expert replica ranks, in a group of its own (see ``grad_group``)."""
+        self.dp_group: dist.ProcessGroup | None = None
+        """This stage's ranks (the world without a pipeline): replicated statistics (QK-Clip's max logits,
+        expert loads) and the optimizer's owners of replicated matrices."""
+        self.pp_group: dist.ProcessGroup | None = None
+        """The ranks of this data-parallel index, one per stage, in stage order (group rank = stage)."""
         self.has_groups = False
         if create_groups and world_size > 1:
             self._create_groups(timeout)
@@ -56,35 +74,59 @@ class ParallelLayout:
     # ------------------------------------------------------------------ rank arithmetic
     @property
     def dp_size(self) -> int:
-        """Data-parallel degree: how many ranks read different data (every rank, without a pipeline)."""
-        return self.world_size
+        """Data-parallel degree: how many ranks of a stage read different data."""
+        return self.world_size // self.pp
 
     @property
     def dp_rank(self) -> int:
-        """This rank's index among the data-parallel ranks: which rows of each global batch it reads."""
-        return self.rank
+        """This rank's index among its stage's ranks: which rows of each global batch it reads."""
+        return self.rank % self.dp_size
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.rank // self.dp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pp - 1
 
     @property
     def ep_rank(self) -> int:
         """This rank's index inside its ep group (which slice of the experts it holds)."""
-        return self.rank % self.ep
+        return self.dp_rank % self.ep
 
     @property
     def ep_group_index(self) -> int:
-        return self.rank // self.ep
+        """Which ep group of its stage this rank is in."""
+        return self.dp_rank // self.ep
 
     @property
     def num_expert_replicas(self) -> int:
-        """How many ranks hold each expert (the number of ep groups)."""
-        return self.world_size // self.ep
+        """How many ranks of a stage hold each expert (the number of ep groups in a stage)."""
+        return self.dp_size // self.ep
 
-    def ep_group_ranks(self, index: int | None = None) -> list[int]:
+    def stage_ranks(self, stage: int | None = None) -> list[int]:
+        s = self.stage if stage is None else stage
+        return list(range(s * self.dp_size, (s + 1) * self.dp_size))
+
+    def ep_group_ranks(self, index: int | None = None, stage: int | None = None) -> list[int]:
         g = self.ep_group_index if index is None else index
-        return list(range(g * self.ep, (g + 1) * self.ep))
+        first = (self.stage if stage is None else stage) * self.dp_size + g * self.ep
+        return list(range(first, first + self.ep))
 
-    def expert_replica_ranks(self, ep_rank: int | None = None) -> list[int]:
+    def expert_replica_ranks(self, ep_rank: int | None = None, stage: int | None = None) -> list[int]:
         i = self.ep_rank if ep_rank is None else ep_rank
-        return list(range(i, self.world_size, self.ep))
+        first = (self.stage if stage is None else stage) * self.dp_size
+        return list(range(first + i, first + self.dp_size, self.ep))
+
+    def pp_group_ranks(self, dp_rank: int | None = None) -> list[int]:
+        d = self.dp_rank if dp_rank is None else dp_rank
+        return [s * self.dp_size + d for s in range(self.pp)]
 
     def check_num_experts(self, num_experts: int) -> None:
         if num_experts % self.ep:
@@ -97,7 +139,8 @@ class ParallelLayout:
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
     def __repr__(self) -> str:
-        return f"ParallelLayout(world_size={self.world_size}, rank={self.rank}, ep={self.ep})"
+        pp = f", pp={self.pp}" if self.pp > 1 else ""
+        return f"ParallelLayout(world_size={self.world_size}, rank={self.rank}, ep={self.ep}{pp})"
 
     # ------------------------------------------------------------------ process groups
     def _create_groups(self, timeout: timedelta | None) -> None:
@@ -107,24 +150,31 @@ class ParallelLayout:
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
             raise ValueError(f"layout says world_size={self.world_size}, rank={self.rank} but the "
                              f"process group has world_size={dist.get_world_size()}, rank={dist.get_rank()}")
-        self.ep_group = self._make_group([self.ep_group_ranks(g) for g in range(self.num_expert_replicas)],
-                                         timeout)
-        self.expert_replica_group = self._make_group([self.expert_replica_ranks(i) for i in range(self.ep)],
-                                                     timeout)
-        self.grad_group = self._make_group([list(range(self.world_size))], timeout, dedicated=True)
-        if self.num_expert_replicas == self.world_size:
+        stages = range(self.pp)
+        ep_groups = [self.ep_group_ranks(g, s) for s in stages for g in range(self.num_expert_replicas)]
+        replicas = [self.expert_replica_ranks(i, s) for s in stages for i in range(self.ep)]
+        self.ep_group = self._make_group(ep_groups, timeout)
+        self.expert_replica_group = self._make_group(replicas, timeout)
+        self.grad_group = self._make_group([self.stage_ranks(s) for s in stages], timeout, dedicated=True)
+        if self.num_expert_replicas == self.dp_size:
             self.expert_grad_group = self.grad_group
         else:
-            self.expert_grad_group = self._make_group([self.expert_replica_ranks(i) for i in range(self.ep)],
-                                                      timeout, dedicated=True)
+            self.expert_grad_group = self._make_group(replicas, timeout, dedicated=True)
+        if self.pp == 1:
+            self.dp_group = dist.group.WORLD
+        else:
+            self.dp_group = self._make_group([self.stage_ranks(s) for s in stages], timeout, keep_single=True)
+            self.pp_group = self._make_group([self.pp_group_ranks(d) for d in range(self.dp_size)], timeout,
+                                             keep_single=True)
         self.has_groups = True
 
-    def _make_group(self, all_ranks: list[list[int]], timeout: timedelta | None,
-                    dedicated: bool = False) -> dist.ProcessGroup | None:
+    def _make_group(self, all_ranks: list[list[int]], timeout: timedelta | None, dedicated: bool = False,
+                    keep_single: bool = False) -> dist.ProcessGroup | None:
         """Every rank walks the same list (new_group is collective over the world) and keeps its own.
-        Without ``dedicated``, a group of the whole world is ``dist.group.WORLD`` itself."""
+        Without ``dedicated``, a group of the whole world is ``dist.group.WORLD`` itself; without
+        ``keep_single`` a group of one rank is None."""
         size = len(all_ranks[0])
-        if size == 1:
+        if size == 1 and not keep_single:
             return None
         if size == self.world_size and not dedicated:
             return dist.group.WORLD
@@ -259,6 +309,21 @@ def all_to_all_autograd(input: torch.Tensor, output_splits: list[int], input_spl
 
     _check("all_to_all_single_autograd", name, group, input)
     return funcol.all_to_all_single_autograd(input, output_splits, input_splits, group)
+
+
+def send_(tensor: torch.Tensor, group_dst: int, group: dist.ProcessGroup, *, name: str) -> None:
+    """Send ``tensor`` to rank ``group_dst`` of ``group`` (blocking; the pipeline's validation pass)."""
+    _check("send", name, group, tensor)
+    dst = dist.get_global_rank(group, group_dst)
+    _timed("send", name, group, lambda: dist.send(tensor, dst=dst, group=group))
+
+
+def recv_(tensor: torch.Tensor, group_src: int, group: dist.ProcessGroup, *, name: str) -> torch.Tensor:
+    """Receive into ``tensor`` from rank ``group_src`` of ``group`` (blocking)."""
+    _check("recv", name, group, tensor)
+    src = dist.get_global_rank(group, group_src)
+    _timed("recv", name, group, lambda: dist.recv(tensor, src=src, group=group))
+    return tensor
 
 
 def barrier(group: dist.ProcessGroup | None = None, *, name: str = "barrier") -> None:

@@ -70,6 +70,18 @@ class K2Trunk(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
+class DroppedLayer(nn.Module):
+    """Stands where a decoder layer of another pipeline stage would be: no parameters, so the layers this
+    stage keeps have the names they have in the whole model."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.layer_idx} belongs to another pipeline stage")
+
+
 @dataclass
 class CausalLMOutput:
     loss: torch.Tensor | None
@@ -97,37 +109,98 @@ class K2ForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.record_max_logits: bool | None = None
         """Record max logits: None follows ``self.training``."""
+        self.stage_layers = range(cfg.num_layers)
+        """The decoder layers this model holds: all of them, or one pipeline stage's (``keep_stage``)."""
+        self.aux_loss_scale = 1.0
+        """``stage_forward``'s factor on the balance loss it backpropagates (1 / micro-batches a step)."""
+        self.stage_aux_loss = torch.zeros((), dtype=torch.float64)
+        """Balance losses of ``stage_forward`` in training, summed (detached) until reset by the caller."""
+
+    # ------------------------------------------------------------------ pipeline stages
+    @property
+    def is_whole(self) -> bool:
+        """Whether this model holds every layer (no pipeline stage cut out of it)."""
+        return self.stage_layers == range(self.cfg.num_layers)
+
+    def keep_stage(self, layers: range) -> None:
+        """Keep only the decoder layers ``layers`` (a pipeline stage), the embedding if they start at
+        layer 0, the final norm and the head if they end at the last layer; the parameters kept keep their
+        names."""
+        if not (0 <= layers.start < layers.stop <= self.cfg.num_layers) or layers.step != 1:
+            raise ValueError(f"a stage is a non-empty run of the {self.cfg.num_layers} layers, got {layers}")
+        for i in range(self.cfg.num_layers):
+            if i not in layers:
+                self.model.layers[i] = DroppedLayer(i)
+        if layers.start > 0:
+            self.model.embed_tokens = None
+        if layers.stop < self.cfg.num_layers:
+            self.model.norm = None
+            self.lm_head = None
+        self.stage_layers = layers
+
+    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline stage's forward: token ids [B, T] into the first stage, the residual stream
+        [B, T, D] between stages, logits [B, T, V] out of the last. Its MoE layers' balance loss is
+        backpropagated from here, scaled by ``aux_loss_scale`` (``attach_loss``): the pipeline
+        backpropagates the language-model loss of the last stage only."""
+        T = x.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if self.model.embed_tokens is not None:
+            x = self.model.embed_tokens(x)
+        x = self._layers(x, T)
+        if self.lm_head is not None:
+            x = self.lm_head(self.model.norm(x))
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if aux and torch.is_grad_enabled():
+            aux_sum = torch.stack(aux).sum()
+            self.stage_aux_loss = self.stage_aux_loss.to(aux_sum.device) + aux_sum.detach().double()
+            x = attach_loss(x, aux_sum * self.aux_loss_scale)
+        return x
+
+    def _layers(self, x_BTD: torch.Tensor, T: int) -> torch.Tensor:
+        record = self.training if self.record_max_logits is None else self.record_max_logits
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for i in self.stage_layers:
+            x_BTD, max_logit_H = self.model.layers[i](x_BTD, cos, sin, record)
+            if max_logit_H is not None:
+                self.max_logits[i] = torch.maximum(self.max_logits[i], max_logit_H)
+        return x_BTD
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> CausalLMOutput:
         B, T = input_ids_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        record = self.training if self.record_max_logits is None else self.record_max_logits
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x_BTD = self.model.embed_tokens(input_ids_BT)
-        for layer in self.model.layers:
-            x_BTD, max_logit_H = layer(x_BTD, cos, sin, record)
-            if max_logit_H is not None:
-                self.max_logits[layer.layer_idx] = torch.maximum(self.max_logits[layer.layer_idx], max_logit_H)
+        if not self.is_whole:
+            raise RuntimeError(f"this model is the pipeline stage of layers {self.stage_layers}: "
+                               "call stage_forward")
+        x_BTD = self._layers(self.model.embed_tokens(input_ids_BT), T)
         logits_BTV = self.lm_head(self.model.norm(x_BTD))
         if targets_BT is None:
             return CausalLMOutput(loss=None, lm_loss=None, aux_loss=None, logits=logits_BTV)
-        lm_loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1))
+        lm_loss = lm_loss_of(logits_BTV, targets_BT)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         loss = lm_loss + aux_loss if aux_loss is not None else lm_loss
         return CausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits_BTV)
 
     # ------------------------------------------------------------------ step statistics
+    def owned_layers(self) -> list[DecoderLayer]:
+        return [self.model.layers[i] for i in self.stage_layers]
+
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        return [layer.mlp for layer in self.owned_layers() if isinstance(layer.mlp, MoE)]
 
     def routers(self) -> list[Router]:
         return [m.gate for m in self.moe_layers()]
 
     def attention_layers(self) -> list[MultiHeadLatentAttention]:
-        return [layer.self_attn for layer in self.model.layers]
+        return [layer.self_attn for layer in self.owned_layers()]
+
+    def stage_max_logits(self) -> torch.Tensor:
+        """``max_logits`` of this stage's layers, [stage layers, H] (a view; QK-Clip's input)."""
+        return self.max_logits[self.stage_layers.start:self.stage_layers.stop]
 
     def reset_max_logits(self) -> None:
         self.max_logits.fill_(float("-inf"))
@@ -142,6 +215,31 @@ class K2ForCausalLM(nn.Module):
     def reset_expert_load(self) -> None:
         for m in self.moe_layers():
             m.tokens_per_expert.zero_()
+
+
+def lm_loss_of(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on ``x``; in the backward, ``loss`` gets gradient 1 (as if added to the loss being
+    backpropagated) while ``x`` passes its gradient through."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        return grad_x, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad_x.device)
+
+
+def attach_loss(x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``x``, with ``loss`` riding on it: whatever backpropagates through ``x`` backpropagates ``loss``
+    too, exactly as if it had been added to the final loss (a stage's balance loss in a pipeline)."""
+    return _AttachLoss.apply(x, loss)
 
 
 # ---------------------------------------------------------------------- init

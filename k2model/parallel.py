@@ -10,6 +10,11 @@ Layout of W ranks with expert-parallel degree ``ep`` (ep divides W and the numbe
 - **expert replica group** i = ranks ``{i, i + ep, i + 2 ep, ...}``: the ``W / ep`` ranks that hold the
   same experts (the data-parallel group of those experts).
 
+Under a pipeline (``ParallelLayout.pp > 1``, k2model.pipeline) all of this holds inside each stage, with
+its ``dp = W / pp`` ranks in place of the world: a stage's replicated parameters are averaged over its own
+ranks, its experts summed over its own replica groups and divided by ``dp``; the gradient norm adds the
+stages' squares over the pipeline group.
+
 Gradient rule. Each rank backpropagates the mean loss of its own tokens, and the global loss is the mean
 over ranks, L = (1/W) sum_r L_r (equal to the mean over all tokens when every rank has as many):
 
@@ -53,17 +58,25 @@ DEFAULT_BUCKET_NUMEL = 1 << 24
 
 # ---------------------------------------------------------------------- model
 def build_parallel_model(cfg: ModelConfig, seed: int, layout: ParallelLayout,
-                         device: torch.device | str | None = None) -> K2ForCausalLM:
+                         device: torch.device | str | None = None, stage_layers: range | None = None
+                         ) -> K2ForCausalLM:
     """The model with this rank's slice of the experts and an ``AllToAllDispatcher`` per MoE layer
     (ep > 1), initialised so that every tensor equals the matching slice of the single-process model
-    built with the same seed. Replicated parameters come out identical on every rank."""
+    built with the same seed. Replicated parameters come out identical on every rank. Under a pipeline
+    (``layout.pp > 1``) ``stage_layers`` are the decoder layers of this rank's stage
+    (``k2model.pipeline.partition_layers``): the rest is dropped."""
     layout.check_num_experts(cfg.num_experts)
+    if (layout.pp > 1) != (stage_layers is not None):
+        raise ValueError(f"{layout!r}: give stage_layers exactly when the layout has a pipeline")
     dispatchers: list[ExpertDispatcher] | None = None
     if layout.ep > 1:
         layout._need_groups()
         dispatchers = [AllToAllDispatcher(cfg.num_experts, layout.ep_group)
                        for _ in range(cfg.num_moe_layers)]
-    return build_model(cfg, seed, dispatchers, device)
+    model = build_model(cfg, seed, dispatchers, device)
+    if stage_layers is not None:
+        model.keep_stage(stage_layers)
+    return model
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -139,7 +152,7 @@ class GradientSync:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.buckets: list[tuple[list[nn.Parameter], dist.ProcessGroup | None]] = []
         self._hooks = []
-        if layout.world_size > 1:
+        if layout.dp_size > 1:
             experts = {id(p) for p in _split_params(model)[1]}
             group_of = {id(p): layout.expert_grad_group if id(p) in experts else layout.grad_group
                         for p in self.params}
@@ -189,7 +202,7 @@ class GradientSync:
         for i, flat, work in self._pending:
             if work is not None:
                 work.wait()
-            flat.div_(self.layout.world_size)
+            flat.div_(self.layout.dp_size)
             offset = 0
             for p in self.buckets[i][0]:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
@@ -222,8 +235,9 @@ def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Te
 @torch.no_grad()
 def global_grad_norm(model: nn.Module, layout: ParallelLayout) -> torch.Tensor:
     """L2 norm of the whole model's gradient after ``sync_gradients``: each replicated parameter counted
-    once, each expert counted once (squares summed over the ep group). An fp32 scalar, the same on every
-    rank (identical inputs and one reduction), so all ranks clip and skip alike."""
+    once, each expert counted once (squares summed over the ep group), each pipeline stage once (summed
+    over the pipeline group). An fp32 scalar, the same on every rank (identical inputs and the same
+    reductions), so all ranks clip and skip alike."""
     layout._need_groups()
     replicated, experts = _split_params(model)
     # On the gradients' own device: no host round trip per parameter.
@@ -232,7 +246,10 @@ def global_grad_norm(model: nn.Module, layout: ParallelLayout) -> torch.Tensor:
     if layout.ep_group is not None:
         all_reduce_(expert_sq, group=layout.ep_group, name="expert gradient squares")
     replicated_sq = _sum_of_squares([p.grad for p in replicated if p.grad is not None], device)
-    return (replicated_sq + expert_sq).sqrt()
+    total_sq = replicated_sq + expert_sq
+    if layout.pp > 1:
+        all_reduce_(total_sq, group=layout.pp_group, name="stage gradient squares")
+    return total_sq.sqrt()
 
 
 @torch.no_grad()
@@ -249,7 +266,8 @@ def clip_grad_norm_(model: nn.Module, layout: ParallelLayout, max_norm: float) -
 # ---------------------------------------------------------------------- step statistics
 @torch.no_grad()
 def sum_expert_load(model: K2ForCausalLM, layout: ParallelLayout) -> torch.Tensor:
-    """Tokens routed to each expert summed over every rank, [moe_layers, E] fp64 (exact counts): the
-    input of ``update_router_bias``, identical on all ranks so the biases stay identical."""
+    """Tokens routed to each expert of this stage's MoE layers summed over the stage's ranks,
+    [moe_layers, E] fp64 (exact counts): the input of ``update_router_bias``, identical on the stage's
+    ranks so the biases stay identical."""
     layout._need_groups()
-    return all_reduce_(model.expert_load().to(torch.float64), name="expert load")
+    return all_reduce_(model.expert_load().to(torch.float64), group=layout.dp_group, name="expert load")

@@ -108,13 +108,20 @@ class TrainConfig:
     num_workers: int = 1
     """Ray Train workers (one process each)."""
     ep: int = 1
-    """Expert-parallel degree; must divide num_workers and model.num_experts."""
+    """Expert-parallel degree; must divide the data-parallel degree (num_workers / pp) and
+    model.num_experts."""
+    pp: int = 1
+    """Pipeline-parallel degree: stages of consecutive layers, each on num_workers / pp ranks (1F1B)."""
+    pp_layers: tuple[int, ...] | None = None
+    """Layers of each pipeline stage (pp counts summing to model.num_layers); None balances the stages by
+    their training FLOPs (``k2model.pipeline.partition_layers``)."""
     steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Sequences per worker per forward/backward."""
     global_batch_size: int = 8
-    """Sequences per optimizer step over all workers; a multiple of micro_batch_size * num_workers."""
+    """Sequences per optimizer step over all workers; a multiple of micro_batch_size times the
+    data-parallel degree (num_workers / pp), and at least pp micro-batches per worker under a pipeline."""
     lr: float = 3e-3
     """Peak learning rate (Muon and AdamW share it through update-RMS matching)."""
     schedule: str = "wsd"
@@ -165,7 +172,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         need = field_checker("train", self)
-        for name in ("num_workers", "ep", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
+        for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("checkpoint_every", "eval_every", "max_failures", "warmup_steps"):
@@ -174,10 +181,19 @@ class TrainConfig:
         need(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        need(self.num_workers % self.ep == 0, "ep", f"must divide train.num_workers={self.num_workers}")
-        per_step = self.micro_batch_size * self.num_workers
+        need(self.num_workers % self.pp == 0, "pp", f"must divide train.num_workers={self.num_workers}")
+        dp = self.num_workers // self.pp
+        where = f"train.num_workers={self.num_workers}" if self.pp == 1 else (
+            f"the data-parallel degree train.num_workers / train.pp = {dp}")
+        need(dp % self.ep == 0, "ep", f"must divide {where}")
+        per_step = self.micro_batch_size * dp
         need(self.global_batch_size % per_step == 0, "global_batch_size",
-             f"must be a multiple of train.micro_batch_size * train.num_workers = {per_step}")
+             f"must be a multiple of train.micro_batch_size * {'train.num_workers' if self.pp == 1 else 'dp'}"
+             f" = {per_step}")
+        micro = self.global_batch_size // per_step
+        need(micro >= self.pp, "global_batch_size",
+             f"gives {micro} micro-batches a step per worker, fewer than the train.pp={self.pp} stages that 1F1B "
+             f"needs: at least {self.pp * per_step}")
         need(self.nan_injection is None or re.fullmatch(r"\d+:\d+(:\d+)?", self.nan_injection) is not None,
              "nan_injection", "expected 'rank:step' or 'rank:step:count'")
         need(self.fault_injection is None or re.fullmatch(r"\d+:\d+", self.fault_injection) is not None,
@@ -257,6 +273,13 @@ class RunConfig:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if m.num_experts % t.ep:
             raise ConfigError(f"train.ep={t.ep} must divide model.num_experts={m.num_experts}")
+        if t.pp > 1 or t.pp_layers is not None:
+            from k2model.pipeline import partition_layers
+
+            try:
+                partition_layers(m, t.pp, d.seq_len, t.pp_layers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 SECTIONS: dict[str, type] = {
@@ -301,7 +324,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = [v for v in (x.strip() for x in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
-        return tuple(str(v) for v in value)
+        item = args[0] if args else str
+        return tuple(_coerce(key, v, item) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value

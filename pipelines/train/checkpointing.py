@@ -140,7 +140,7 @@ class CheckpointWriter:
 
     def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, signature: dict[str, Any],
                  world_size: int, ep: int, registry: CheckpointRegistry, attempts: int = UPLOAD_ATTEMPTS,
-                 backoff_s: float = FIRST_BACKOFF_S, reshard: ReshardSpec | None = None):
+                 backoff_s: float = FIRST_BACKOFF_S, reshard: ReshardSpec | None = None, pp: int = 1):
         self.fs = fs
         self.registry = registry
         self.reshard = reshard
@@ -149,6 +149,7 @@ class CheckpointWriter:
         self.signature = signature
         self.world_size = world_size
         self.ep = ep
+        self.pp = pp
         self.attempts = attempts
         self.backoff_s = backoff_s
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
@@ -169,8 +170,8 @@ class CheckpointWriter:
         snap = snapshot(state)
         self.stall_seconds.append(time.perf_counter() - t0)
         folder = self.path_for(step)
-        meta = {"step": step, "world_size": self.world_size, "ep": self.ep, "signature": self.signature,
-                "time": time.time()}
+        meta = {"step": step, "world_size": self.world_size, "ep": self.ep, "pp": self.pp,
+                "signature": self.signature, "time": time.time()}
         future = self._pool.submit(self._upload, folder, snap, meta)
         self._pending = (step, future, metrics)
 
@@ -222,7 +223,7 @@ class CheckpointWriter:
         if folder is None:
             return None
         state = load_rank_state(self.fs, folder, self.rank, self.signature, self.world_size, self.ep,
-                                self.reshard)
+                                self.reshard, pp=self.pp)
         state["checkpoint_folder"] = folder
         return state
 
@@ -236,6 +237,8 @@ class ReshardSpec:
     """Routed experts per MoE layer (the rows of every expert stack, all ranks together)."""
     keeps_state: Callable[[str], bool]
     """Whether this rank holds a parameter's optimizer state, by name (``MuonClip.computes_here``)."""
+    model_names: frozenset[str] | None = None
+    """The state-dict names of this rank's model (its pipeline stage's); None: the whole model."""
 
 
 def read_meta(fs: pafs.FileSystem, folder: str) -> dict[str, Any]:
@@ -267,13 +270,13 @@ def _check_shards_present(fs: pafs.FileSystem, folder: str, world_size: int) -> 
 
 
 def load_rank_state(fs: pafs.FileSystem, folder: str, rank: int, signature: dict[str, Any], world_size: int,
-                    ep: int, reshard: ReshardSpec | None = None) -> dict[str, Any]:
+                    ep: int, reshard: ReshardSpec | None = None, *, pp: int = 1) -> dict[str, Any]:
     """This rank's state from the checkpoint in ``folder``. In the layout that wrote it: ``meta.json`` and
-    this rank's shard only. In another layout (``world_size`` or ``ep`` differ): resharded
+    this rank's shard only. In another layout (``world_size``, ``ep`` or ``pp`` differ): resharded
     (``pipelines.train.reshard``), which needs ``reshard``; without it the layout change is an error."""
     meta = read_meta(fs, folder)
     check_compatible(meta, signature, folder)
-    if meta["world_size"] == world_size and meta["ep"] == ep:
+    if meta["world_size"] == world_size and meta["ep"] == ep and meta.get("pp", 1) == pp:
         _check_shards_present(fs, folder, meta["world_size"])
         path = f"{folder}/{SHARD_NAME.format(rank=rank)}"
         with fs.open_input_stream(path) as f:
@@ -282,12 +285,12 @@ def load_rank_state(fs: pafs.FileSystem, folder: str, rank: int, signature: dict
         raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} workers with "
                          f"ep={meta['ep']}; this run has {world_size} workers with ep={ep}, and this loader "
                          "cannot reshard")
-    return read_resharded(fs, folder, meta, rank, world_size, ep, reshard)
+    return read_resharded(fs, folder, meta, rank, world_size, ep, reshard, pp=pp)
 
 
 def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank: int, world_size: int, ep: int,
-                   reshard: ReshardSpec) -> dict[str, Any]:
-    """The state of ``rank`` in the layout (``world_size``, ``ep``) from the checkpoint in ``folder``,
+                   reshard: ReshardSpec, *, pp: int = 1) -> dict[str, Any]:
+    """The state of ``rank`` in the layout (``world_size``, ``ep``, ``pp``) from the checkpoint in ``folder``,
     written in the layout ``meta`` names, with ``resharded_from`` added: the old layout and the bytes read
     from each old shard."""
     from pipelines.train.reshard import load_resharded
@@ -297,11 +300,11 @@ def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank:
                for k in range(meta["world_size"])]
     try:
         state = load_resharded(readers, meta["ep"], rank, world_size, ep, reshard.num_experts,
-                               reshard.keeps_state)
+                               reshard.keeps_state, old_pp=meta.get("pp", 1), pp=pp, model_names=reshard.model_names)
     finally:
         for r in readers:
             r.close()
-    state["resharded_from"] = {"world_size": meta["world_size"], "ep": meta["ep"],
+    state["resharded_from"] = {"world_size": meta["world_size"], "ep": meta["ep"], "pp": meta.get("pp", 1),
                                "bytes_read": [r.bytes_read for r in readers],
                                "tensor_bytes_read": [r.tensor_bytes_read for r in readers]}
     return state

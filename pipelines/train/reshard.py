@@ -8,7 +8,9 @@ layout is bit-exact). What a rank of the new layout needs, and where it finds it
 (``pipelines.train.checkpoint_file``, each with an index, read by byte range):
 
 - replicated parameters and buffers, and the AdamW state of replicated parameters: the same on every
-  old rank; read from old rank ``new_rank % old_world_size`` so the reads spread over the shards;
+  old rank of the pipeline stage that held them (every old rank without a pipeline); read from the holder
+  ``new_rank`` steps along, so the reads spread over the shards. Under a pipeline a rank reads only the
+  names of its own stage's layers (``model_names``), wherever the old stages cut the layers;
 - routed-expert stacks (``k2model.model.is_stacked_expert``) and their optimizer state: only the rows of
   the experts this rank now holds, from old ranks that held them (one ranged read per piece);
 - the Muon momentum of a replicated matrix (kept by one owning rank, ``k2model.optim``): from whichever
@@ -21,7 +23,7 @@ Each old shard's index is read (kilobytes); of the tensor bytes, a rank reads ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -57,23 +59,35 @@ def _expert_rows(readers: list[ShardReader], key: str, layouts: list[ParallelLay
 
 
 def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_size: int, ep: int,
-                   num_experts: int, keeps_state: Callable[[str], bool]) -> dict[str, Any]:
-    """The trainer state of ``rank`` in the layout (``world_size``, ``ep``), assembled from ``readers``
-    (the old shards, in old rank order, written by ``len(readers)`` ranks with ``old_ep``).
-    ``keeps_state(param_name)``: whether this rank holds that parameter's optimizer state in the new
-    layout (``MuonClip.computes_here``)."""
+                   num_experts: int, keeps_state: Callable[[str], bool], *, old_pp: int = 1, pp: int = 1,
+                   model_names: Collection[str] | None = None) -> dict[str, Any]:
+    """The trainer state of ``rank`` in the layout (``world_size``, ``ep``, ``pp``), assembled from
+    ``readers`` (the old shards, in old rank order, written by ``len(readers)`` ranks with ``old_ep`` and
+    ``old_pp``). ``keeps_state(param_name)``: whether this rank holds that parameter's optimizer state in
+    the new layout (``MuonClip.computes_here``). ``model_names``: the state-dict names of this rank's
+    model (its pipeline stage's); None for all of them."""
     old_world = len(readers)
-    old_layouts = [ParallelLayout(old_world, k, old_ep, create_groups=False) for k in range(old_world)]
-    new_rows = ParallelLayout(world_size, rank, ep, create_groups=False).local_experts(num_experts)
+    old_layouts = [ParallelLayout(old_world, k, old_ep, old_pp, create_groups=False) for k in range(old_world)]
+    new_rows = ParallelLayout(world_size, rank, ep, pp, create_groups=False).local_experts(num_experts)
     src = rank % old_world
-    base = readers[src]
+    holders: dict[str, list[int]] = {}  # model tensor name -> old ranks whose shard has it
+    for k, reader in enumerate(readers):
+        for key in reader.tensors:
+            if key.startswith(MODEL):
+                holders.setdefault(key[len(MODEL):], []).append(k)
+    wanted = set(holders) if model_names is None else set(model_names)
+    missing = sorted(wanted - set(holders))
+    if missing:
+        raise ValueError(f"no shard of the checkpoint holds {missing[:3]} ({len(missing)} tensors): the checkpoint "
+                         "is incomplete or of another model")
 
     model: dict[str, torch.Tensor] = {}
-    for key in base.tensors:
-        if key.startswith(MODEL):
-            name = key[len(MODEL):]
-            model[name] = (_expert_rows(readers, key, old_layouts, num_experts, new_rows, rank)
-                           if is_stacked_expert(name) else base.tensor(key))
+    for name, ks in holders.items():
+        if name not in wanted:
+            continue
+        key = MODEL + name
+        model[name] = (_expert_rows(readers, key, old_layouts, num_experts, new_rows, rank)
+                       if is_stacked_expert(name) else readers[ks[rank % len(ks)]].tensor(key))
 
     # Optimizer state, per parameter: which old shards have any state for it.
     has_state: dict[str, list[int]] = {}
@@ -85,7 +99,7 @@ def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_siz
                     has_state[pname].append(k)
     opt_state: dict[str, dict[str, Any]] = {}
     for pname, shards in has_state.items():
-        if not keeps_state(pname):
+        if pname not in wanted or not keeps_state(pname):
             continue
         primary = src if src in shards else shards[0]
         entry = readers[primary].skeleton()["optimizer"]["state"][pname]
@@ -101,6 +115,17 @@ def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_siz
 
     first = readers[0].skeleton()
     optimizer = {k: v for k, v in first["optimizer"].items() if k not in ("state", "layout")}
+    # Each group's parameter names: the old stages' lists joined in rank order (stage after stage, so in
+    # the whole model's order), then cut to this rank's stage.
+    groups = []
+    for group in first["optimizer"]["param_groups"]:
+        names: dict[str, None] = {}
+        for reader in readers:
+            for old in reader.skeleton()["optimizer"]["param_groups"]:
+                if old["kind"] == group["kind"]:
+                    names.update(dict.fromkeys(old["names"]))
+        groups.append({**group, "names": [n for n in names if n in wanted]})
+    optimizer["param_groups"] = groups
     optimizer["state"] = opt_state
     # The merged form (MuonClip.load_state_dict): entries this rank does not keep are already left out.
     optimizer["layout"] = {"world_size": None, "rank": None, "owners": None}

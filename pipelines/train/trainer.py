@@ -121,6 +121,15 @@ def accumulate_gradients(trainer: Trainer, micro_batches: Iterable[Batch]) -> tu
     return loss_sum / num, lm_sum / num
 
 
+def pipeline_forward_backward(trainer: Trainer, micro_batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``forward_backward`` of a pipeline layout: the 1F1B schedule of ``trainer.pipeline``
+    (``k2model.pipeline.PipelineRunner``); the loss pair comes back on every rank."""
+    if trainer.poison_loss:
+        trainer.poison_loss = False  # test hook: the last stage's first micro-batch loss
+        trainer.pipeline.poison_next = True
+    return trainer.pipeline.forward_backward(micro_batches)
+
+
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, device: str = "cpu") -> float:
     """This machine's dense matmul throughput (FLOP/s) for a square problem: the MFU denominator."""
     a = torch.randn(size, size, dtype=dtype, device=device)
@@ -148,38 +157,50 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, batches, val_batches, device: torch.device | None = None, *,
-                 layout: ParallelLayout | None = None, forward_backward: ForwardBackward = accumulate_gradients):
+                 layout: ParallelLayout | None = None, forward_backward: ForwardBackward | None = None):
         from k2model.optim import build_optimizer, is_local_expert
+        from k2model.pipeline import PipelineRunner, partition_layers
 
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         if layout is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
             rank = dist.get_rank() if dist.is_initialized() else 0
-            layout = ParallelLayout(world_size=world, rank=rank, ep=cfg.train.ep)
+            layout = ParallelLayout(world_size=world, rank=rank, ep=cfg.train.ep, pp=cfg.train.pp)
+        if (layout.ep, layout.pp) != (cfg.train.ep, cfg.train.pp):
+            raise ValueError(f"{layout!r} differs from train.ep={cfg.train.ep}, train.pp={cfg.train.pp}")
         self.layout = layout
         self.rank, self.world = layout.rank, layout.world_size
-        self.model = parallel.build_parallel_model(cfg.model, cfg.train.seed, layout).to(self.device).train()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr,
+        self.stages = (partition_layers(cfg.model, layout.pp, cfg.data.seq_len, cfg.train.pp_layers)
+                       if layout.pp > 1 else None)
+        """The decoder layers of each pipeline stage (None without a pipeline)."""
+        self.model = parallel.build_parallel_model(
+            cfg.model, cfg.train.seed, layout, stage_layers=self.stages[layout.stage] if self.stages else None
+        ).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr, process_group=layout.dp_group,
                                          rank_local=is_local_expert if layout.ep > 1 else None)
         self.grad_sync = parallel.GradientSync(self.model, layout)
         self.batches = batches
         self.val_batches = val_batches
         self.callbacks: list[Callback] = []
         """Run by ``fit()`` in this order (``pipelines.train.callbacks.standard_callbacks`` builds a run's)."""
-        self.forward_backward = forward_backward
+        self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp_size)
+        self.autocast = self.device.type == "cuda"
+        self.pipeline = (PipelineRunner(self.model, layout, self.accum, cfg.train.micro_batch_size, cfg.data.seq_len,
+                                        self.device, self.autocast) if layout.pp > 1 else None)
+        """This rank's pipeline stage and schedule (None without a pipeline)."""
+        self.forward_backward = forward_backward or (pipeline_forward_backward if self.pipeline
+                                                     else accumulate_gradients)
         self.global_step = 0
         """Steps done (the next step's index)."""
-        self.run_history = [{"from_step": 0, "world_size": self.world, "ep": cfg.train.ep}]
+        self.run_history = [{"from_step": 0, "world_size": self.world, "ep": cfg.train.ep, "pp": cfg.train.pp}]
         """One entry per start of this run, the first from scratch, each further one a resume from a
         checkpoint: the step it resumed at and the layout it ran in from there (a resharded resume shows
         another ``world_size`` or ``ep``)."""
         self.bad_streak = 0
         self.skipped_total = 0
-        self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.autocast = self.device.type == "cuda"
         self.poison_loss = False
         """Set by a test callback: the next step's first micro-batch loss becomes NaN."""
         self.metrics: dict[str, float] = {}
@@ -202,7 +223,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["step"])
         self.run_history = [*map(dict, state.get("run_history", [])),
-                            {"from_step": self.global_step, "world_size": self.world, "ep": self.cfg.train.ep}]
+                            {"from_step": self.global_step, "world_size": self.world, "ep": self.cfg.train.ep,
+                             "pp": self.cfg.train.pp}]
         self.bad_streak = int(state["bad_streak"])
         self.skipped_total = int(state.get("skipped_total", 0))
         torch.set_rng_state(state["rng"]["torch"])
@@ -212,9 +234,10 @@ class Trainer:
     def checkpoint_writer(self, fs: Any, experiment_path: str, registry: CheckpointRegistry) -> CheckpointWriter:
         """The writer of this rank's checkpoints into ``experiment_path``: this run's math signature and
         layout, and how to reshard a checkpoint of another layout into it."""
+        names = frozenset(self.model.state_dict()) if self.layout.pp > 1 else None
         return CheckpointWriter(fs, experiment_path, self.rank, signature=math_signature(self.cfg),
-                                world_size=self.world, ep=self.layout.ep, registry=registry,
-                                reshard=ReshardSpec(self.cfg.model.num_experts, self.optimizer.computes_here))
+                                world_size=self.world, ep=self.layout.ep, pp=self.layout.pp, registry=registry,
+                                reshard=ReshardSpec(self.cfg.model.num_experts, self.optimizer.computes_here, names))
 
     # ------------------------------------------------------------------ one step
     def micro_batches(self, step: int) -> Iterator[Batch]:
@@ -265,24 +288,44 @@ class Trainer:
 
     def _post_step(self) -> dict[str, float]:
         """QK-Clip and the router-bias update, after the optimizer; returns their statistics."""
-        cfg = self.cfg
+        cfg, layout = self.cfg, self.layout
         extra: dict[str, float] = {}
-        load = parallel.sum_expert_load(self.model, self.layout)
+        load = parallel.sum_expert_load(self.model, layout)
         moe.update_router_bias(self.model.routers(), load, cfg.model.router_bias_update_rate)
+        # Each stage clips and updates its own layers over its own ranks; the logged figures are the whole
+        # model's (the layers of the other stages are -inf or 0 here, and the pipeline group fills them in).
+        stage = self.model.stage_layers
+        max_logits = torch.full_like(self.model.max_logits, float("-inf"))
+        clipped = torch.zeros(1, dtype=torch.float64, device=max_logits.device)
         if cfg.optimizer.uses_qk_clip:
-            stats = qk_clip.qk_clip(self.model, self.model.max_logits, cfg.optimizer.qk_clip_tau)
-            max_logits = stats.max_logit_per_head
-            extra["qk_clip/heads_clipped"] = float(stats.num_clipped)
+            stats = qk_clip.qk_clip(self.model, self.model.stage_max_logits(), cfg.optimizer.qk_clip_tau,
+                                    process_group=layout.dp_group)
+            max_logits[stage.start:stage.stop] = stats.max_logit_per_head.to(max_logits.device)
+            clipped += stats.num_clipped
         else:
-            max_logits = all_reduce_(self.model.max_logits.clone(), dist.ReduceOp.MAX, name="max logits")
+            max_logits[stage.start:stage.stop] = all_reduce_(self.model.stage_max_logits().clone(),
+                                                             dist.ReduceOp.MAX, layout.dp_group, name="max logits")
+        # [load imbalance, bias max, -bias min] of this stage's MoE layers (-inf without any).
+        moe_stats = torch.full((3,), float("-inf"), device=max_logits.device)
+        if load.numel():
+            mean = load.float().mean(dim=1).clamp(min=1e-9)
+            biases = torch.stack([r.e_score_correction_bias for r in self.model.routers()])
+            imbalance = (load.float().max(dim=1).values / mean).max().to(biases.device)
+            moe_stats = torch.stack([imbalance, biases.max(), -biases.min()]).float().to(moe_stats.device)
+        if layout.pp > 1:
+            from k2model.pipeline import pipeline_group_max_, pipeline_group_sum_
+
+            pipeline_group_max_(max_logits, layout, "max logits of every stage")
+            pipeline_group_max_(moe_stats, layout, "MoE statistics of every stage")
+            pipeline_group_sum_(clipped, layout, "heads clipped in every stage")
+        if cfg.optimizer.uses_qk_clip:
+            extra["qk_clip/heads_clipped"] = float(clipped)
         extra["attn/max_logit"] = float(max_logits.max())
         for i, v in enumerate(max_logits.amax(dim=1).tolist()):
             extra[f"attn/max_logit_layer{i}"] = v
-        if load.numel():
-            mean = load.float().mean(dim=1).clamp(min=1e-9)
-            extra["moe/load_imbalance"] = float((load.float().max(dim=1).values / mean).max())
-            biases = torch.stack([r.e_score_correction_bias for r in self.model.routers()])
-            extra["moe/router_bias_range"] = float(biases.max() - biases.min())
+        if cfg.model.num_moe_layers:
+            extra["moe/load_imbalance"] = float(moe_stats[0])
+            extra["moe/router_bias_range"] = float(moe_stats[1] + moe_stats[2])  # max - min, in fp32
         return extra
 
     def fit(self) -> None:
@@ -302,12 +345,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss x tokens, tokens]
-        for inputs, targets in self.val_batches:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(inputs.to(self.device), targets.to(self.device))
-            total[0] += out.lm_loss.detach().double() * targets.numel()
-            total[1] += targets.numel()
+        if self.pipeline is not None:  # through the stages; the last one's ranks hold the sums
+            total = self.pipeline.evaluate(self.val_batches)
+        else:
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss x tokens, tokens]
+            for inputs, targets in self.val_batches:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    out = self.model(inputs.to(self.device), targets.to(self.device))
+                total[0] += out.lm_loss.detach().double() * targets.numel()
+                total[1] += targets.numel()
         self.model.train()
         all_reduce_(total, name="validation loss")
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")

@@ -66,7 +66,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()  # the GPU Ray Train assigned this worker
     use_deterministic(t.deterministic)
     seed_everything(t.seed)
-    layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep, timeout=timedelta(seconds=t.collective_timeout_s))
+    layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep, pp=t.pp,
+                            timeout=timedelta(seconds=t.collective_timeout_s))
 
     train_shards = [ShardRef(**s) for s in loop_config["train_shards"]]
     val_shards = [ShardRef(**s) for s in loop_config["val_shards"]]

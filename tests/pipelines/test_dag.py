@@ -82,7 +82,7 @@ def test_mlflow_has_one_parent_with_stage_runs_metrics_and_artifacts(pipeline_ru
     # optimizer.ns_dtype=auto, resolved on the worker (this machine's CPU) and recorded on the run.
     assert pretrain.data.tags["k2pipe.ns_dtype"] == resolve_ns_dtype("auto", "cpu")
     assert json.loads(pretrain.data.tags["k2pipe.run_history"]) == [
-        {"from_step": 0, "world_size": cfg.train.num_workers, "ep": cfg.train.ep}]
+        {"from_step": 0, "world_size": cfg.train.num_workers, "ep": cfg.train.ep, "pp": cfg.train.pp}]
     losses = c.get_metric_history(pretrain.info.run_id, "train/loss")
     steps = [m.step for m in losses]
     assert steps == sorted(set(steps)), "each step logged once, even across reruns"

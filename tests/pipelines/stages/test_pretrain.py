@@ -145,8 +145,8 @@ def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local
     resumed = run_pretrain(crashing, root, manifest)
     final = final_shards(resumed.checkpoint_uri, 1)
     assert_same_training_state(final, final_shards(reference.checkpoint_uri, 1))
-    assert final[0]["run_history"] == [{"from_step": 0, "world_size": 1, "ep": 1},
-                                       {"from_step": 4, "world_size": 1, "ep": 1}], "resumed, not retrained"
+    assert final[0]["run_history"] == [{"from_step": 0, "world_size": 1, "ep": 1, "pp": 1},
+                                       {"from_step": 4, "world_size": 1, "ep": 1, "pp": 1}], "resumed, not retrained"
 
 
 def test_non_finite_steps_are_skipped_then_the_latest_checkpoint_restored(ray_local, data, tmp_path):
@@ -280,7 +280,7 @@ def test_a_job_run_again_on_fewer_workers_resumes_resharded(reference_ep2, data,
     assert out.step == 8
     final, = final_shards(out.checkpoint_uri, 1)
     first, resumed = final["run_history"]
-    assert first == {"from_step": 0, "world_size": 2, "ep": 2}, final["run_history"]
+    assert first == {"from_step": 0, "world_size": 2, "ep": 2, "pp": 1}, final["run_history"]
     assert resumed["from_step"] in (2, 4, 6) and (resumed["world_size"], resumed["ep"]) == (1, 1), resumed
     reference = reference_ep2[1]
     for name, tensor in final["model"].items():
@@ -302,3 +302,35 @@ def test_validation_before_launch(data):
         make_config("/unused", workers=2, ep=3)
     with pytest.raises(ValueError, match="global_batch_size"):
         make_config("/unused", "train.global_batch_size=6", workers=2)
+
+
+@pytest.fixture(scope="module")
+def reference_pp2_ep2(ray_local, data, tmp_path_factory):
+    """An uninterrupted run of 4 workers: 2 pipeline stages of 2 expert-parallel ranks each."""
+    root, manifest = data
+    cfg = make_config(str(tmp_path_factory.mktemp("ref-pp")), "train.pp=2", workers=4, ep=2)
+    out = run_pretrain(cfg, root, manifest)
+    return cfg, out, final_shards(out.checkpoint_uri, 4)
+
+
+def test_a_killed_worker_of_a_pipeline_resumes_exactly_and_the_checkpoint_reads_whole(reference_pp2_ep2, data,
+                                                                                       tmp_path):
+    from pipelines.train.checkpointing import load_checkpoint_model
+
+    root, manifest = data
+    ref_cfg, ref_out, ref_shards = reference_pp2_ep2
+    assert ref_out.step == 8
+    # Each rank wrote its own stage: the embedding on the first stage's ranks, the head on the last's.
+    assert all("model.embed_tokens.weight" in s["model"] and "lm_head.weight" not in s["model"] for s in ref_shards[:2])
+    assert all("lm_head.weight" in s["model"] and "model.embed_tokens.weight" not in s["model"] for s in ref_shards[2:])
+    cfg = make_config(str(tmp_path), "train.pp=2", "train.fault_injection=3:6", workers=4, ep=2)
+    out = run_pretrain(cfg, root, manifest)
+    assert storage.exists(storage.join(out.run_dir, "fault-injected-rank3-step6")), "the fault never fired"
+    assert_same_training_state(final_shards(out.checkpoint_uri, 4), ref_shards)
+    # The evaluate and export stages' reader puts the stages and the expert halves back together.
+    model = load_checkpoint_model(ref_out.checkpoint_uri, ref_cfg)
+    whole = model.state_dict()
+    assert torch.equal(whole["lm_head.weight"], ref_shards[3]["model"]["lm_head.weight"])
+    assert torch.equal(whole["model.embed_tokens.weight"], ref_shards[1]["model"]["model.embed_tokens.weight"])
+    stack = "model.layers.3.mlp.experts.up_proj"
+    assert torch.equal(whole[stack], torch.cat([ref_shards[2]["model"][stack], ref_shards[3]["model"][stack]]))
