@@ -164,9 +164,15 @@ class _StageModule(torch.nn.Module):
     def __init__(self, model: K2ForCausalLM):
         super().__init__()
         self.stage = model
+        self.poison_next = False
+        """Test hook: the next forward's output becomes NaN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage.stage_forward(x)
+        out = self.stage.stage_forward(x)
+        if self.poison_next:
+            self.poison_next = False
+            out = out * float("nan")
+        return out
 
 
 class PipelineRunner:
@@ -185,8 +191,6 @@ class PipelineRunner:
         layout._need_groups()
         self.model, self.layout, self.num = model, layout, num_micro_batches
         self.device, self.autocast = device, autocast
-        self.poison_next = False
-        """Test hook: the next step's first micro-batch loss becomes NaN (last stage)."""
         # The tensors between stages, given up front (the schedule's static mode): inferring them would run
         # the stage on meta tensors, expert exchange and statistics included.
         cfg, B, T = model.cfg, micro_batch_size, seq_len
@@ -197,18 +201,18 @@ class PipelineRunner:
         outputs = (torch.empty(B, T, cfg.vocab_size, dtype=torch.bfloat16 if autocast else residual, device=meta,
                                requires_grad=True) if layout.is_last_stage
                    else torch.empty(B, T, cfg.hidden_size, dtype=residual, device=meta, requires_grad=True))
-        self._stage = PipelineStage(_StageModule(model), layout.stage, layout.pp, device, input_args=inputs,
+        self._module = _StageModule(model)
+        self._stage = PipelineStage(self._module, layout.stage, layout.pp, device, input_args=inputs,
                                     output_args=outputs, group=layout.pp_group)
         self._schedule = Schedule1F1B(self._stage, num_micro_batches, loss_fn=self._loss, scale_grads=False)
-        self._micro = 0
+
+    def poison_next_step(self) -> None:
+        """Test hook (``train.nan_injection``): this rank's output of the next step's first micro-batch
+        becomes NaN, so the loss or the gradients turn non-finite wherever the rank's stage is."""
+        self._module.poison_next = True
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss_of(logits, targets)
-        if self._micro == 0 and self.poison_next:
-            self.poison_next = False
-            loss = loss * float("nan")
-        self._micro += 1
-        return loss / self.num
+        return lm_loss_of(logits, targets) / self.num
 
     def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +225,16 @@ class PipelineRunner:
         targets = torch.cat([b[1] for b in batches]).to(self.device)
         self.model.aux_loss_scale = 1.0 / self.num
         self.model.stage_aux_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._micro = 0
         losses: list[torch.Tensor] = []
+        # return_outputs=False: the last stage would otherwise keep every micro-batch's logits ([B, T, V]
+        # each) to concatenate them after the step, which every rank then waits for (benchmarks/pipeline.py).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.layout.is_first_stage:
-                self._schedule.step(inputs)
+                self._schedule.step(inputs, return_outputs=False)
             elif self.layout.is_last_stage:
-                self._schedule.step(target=targets, losses=losses)
+                self._schedule.step(target=targets, losses=losses, return_outputs=False)
             else:
-                self._schedule.step()
+                self._schedule.step(return_outputs=False)
         # [language-model loss, balance loss], each a mean over the micro-batches, summed over the stages.
         lm = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64,
                                                                              device=self.device)

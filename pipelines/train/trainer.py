@@ -125,8 +125,8 @@ def pipeline_forward_backward(trainer: Trainer, micro_batches: Iterable[Batch]) 
     """The ``forward_backward`` of a pipeline layout: the 1F1B schedule of ``trainer.pipeline``
     (``k2model.pipeline.PipelineRunner``); the loss pair comes back on every rank."""
     if trainer.poison_loss:
-        trainer.poison_loss = False  # test hook: the last stage's first micro-batch loss
-        trainer.pipeline.poison_next = True
+        trainer.poison_loss = False  # test hook: this rank's first micro-batch output
+        trainer.pipeline.poison_next_step()
     return trainer.pipeline.forward_backward(micro_batches)
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from k2model.model import is_stacked_expert
+from k2model.pipeline import one_f_one_b_order
 from k2model.testing import run_workers
 from pipelines.config import ConfigError, load_config
 from pipelines.train.checkpointing import LocalRegistry, snapshot
@@ -76,21 +77,36 @@ def _writer(trainer: Trainer, folder: str):
     return trainer.checkpoint_writer(fs, folder, LocalRegistry(fs, folder, trainer.rank))
 
 
-def train(rank: int, world: int, ep: int, pp: int, folder: str | None = None, resume: bool = False) -> dict:
+def train(rank: int, world: int, ep: int, pp: int, folder: str | None = None, resume: bool = False,
+          poison: tuple[int, int] | None = None) -> dict:
     """Steps to STEPS in the layout; with ``folder``, a checkpoint is saved there at step SAVE_AT, or
-    (``resume``) the run starts from the one saved there, in whatever layout it was written."""
+    (``resume``) the run starts from the one saved there, in whatever layout it was written. ``poison``
+    (rank, step): that rank's first micro-batch output of that step becomes NaN."""
     torch.manual_seed(0)
     cfg = _config(world, ep, pp)
     dp = world // pp
     trainer = Trainer(cfg, GlobalBatches(dp, rank % dp), _val(dp, rank % dp))
     writer = _writer(trainer, folder) if folder else None
+    order: list[tuple[str, int]] = []  # the stage's work as the schedule runs it, every step
+    if trainer.pipeline is not None:
+        stage = trainer.pipeline._stage
+        for kind, attr in (("F", "forward_one_chunk"), ("B", "backward_one_chunk")):
+            inner = getattr(stage, attr)
+
+            def logged(chunk, *args, _inner=inner, _kind=kind, **kwargs):
+                order.append((_kind, chunk))
+                return _inner(chunk, *args, **kwargs)
+
+            setattr(stage, attr, logged)
     loaded = None
     if resume:
         state = writer.load_latest_registered()
-        loaded = {"step": state["step"], "resharded_from": state.get("resharded_from")}
+        loaded = {"step": state["step"], "resharded_from": state.get("resharded_from"),
+                  "tensor_bytes": _tensor_bytes({k: v for k, v in state.items() if k != "resharded_from"})}
         trainer.load_state_dict(state)
     steps = []
     while trainer.global_step < STEPS:
+        trainer.poison_loss = poison == (rank, trainer.global_step)
         r = trainer.step()
         steps.append({"loss": r.loss, "lm_loss": r.lm_loss, "grad_norm": r.grad_norm, "skipped": r.skipped,
                       **r.extra})
@@ -98,10 +114,26 @@ def train(rank: int, world: int, ep: int, pp: int, folder: str | None = None, re
             writer.start(trainer.global_step, trainer.state_dict(), {})
             writer.poll_and_register(final=True)
     layout = trainer.layout
-    return {"steps": steps, "val": trainer.evaluate(), "dp_rank": layout.dp_rank, "loaded": loaded,
+    return {"steps": steps, "val": trainer.evaluate(), "dp_rank": layout.dp_rank, "loaded": loaded, "order": order,
+            "stage": layout.stage, "micro_batches": trainer.accum,
             "experts": layout.local_experts(cfg.model.num_experts), "stage_layers": trainer.model.stage_layers,
             "model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
             "optimizer": snapshot(trainer.optimizer.state_dict())["state"]}
+
+
+def train_pp2(rank: int, world: int) -> dict:
+    """pp=2, then pp=2 again with the first stage's output poisoned at step 1."""
+    return {"straight": train(rank, world, 1, 2), "poisoned": train(rank, world, 1, 2, poison=(0, 1))}
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def train_four_rank_layouts(rank: int, world: int, folder: str) -> dict:
@@ -167,9 +199,17 @@ def _assert_equivalent(results: list[dict], reference: dict, what: str, first_st
 
 @pytest.mark.slow
 def test_pp2_equals_one_process(reference):
-    results = run_workers(train, 2, 1, 2)
+    runs = run_workers(train_pp2, 2)
+    results = [r["straight"] for r in runs]
     assert [r["stage_layers"] for r in results] == [range(0, 2), range(2, 4)]
     _assert_equivalent(results, reference, "pp=2")
+    # The schedule ran each stage's work in the order the bubble model (benchmarks/pipeline.py) assumes.
+    for r in results:
+        assert r["order"] == one_f_one_b_order(2, r["stage"], r["micro_batches"]) * STEPS
+    # A NaN in the first stage reaches the last stage's loss and every gradient: both stages skip the step.
+    for r in (r["poisoned"] for r in runs):
+        assert [s["skipped"] for s in r["steps"]] == [False, True, False]
+        assert all(torch.isfinite(t).all() for t in r["model"].values() if t.is_floating_point())
 
 
 @pytest.mark.slow
@@ -185,7 +225,7 @@ def test_pp2_dp2_equals_one_process(reference, four_ranks):
 @pytest.mark.slow
 def test_a_pp2_ep2_checkpoint_resumes_bit_equal_in_its_layout(four_ranks):
     for straight, resumed in zip(four_ranks["ep2"], four_ranks["ep2_resumed"]):
-        assert resumed["loaded"] == {"step": SAVE_AT, "resharded_from": None}
+        assert (resumed["loaded"]["step"], resumed["loaded"]["resharded_from"]) == (SAVE_AT, None)
         assert resumed["steps"] == straight["steps"][SAVE_AT:]
         for name, tensor in straight["model"].items():
             assert torch.equal(resumed["model"][name], tensor), name
@@ -202,6 +242,8 @@ def test_a_pp2_ep2_checkpoint_resumes_on_pp4_and_on_one_process(reference, four_
     assert [r["stage_layers"] for r in pp4] == [range(i, i + 1) for i in range(4)]
     for r in pp4:
         assert r["loaded"]["step"] == SAVE_AT and r["loaded"]["resharded_from"]["pp"] == 2
+        # Of the tensors, each rank read exactly what its state holds: its layer, its share of the momenta.
+        assert sum(r["loaded"]["resharded_from"]["tensor_bytes_read"]) == r["loaded"]["tensor_bytes"]
     _assert_equivalent(pp4, reference, "pp=2, ep=2 -> pp=4", first_step=SAVE_AT)
     single = train(0, 1, 1, 1, checkpoint_folder, resume=True)
     assert single["loaded"]["resharded_from"] == {**single["loaded"]["resharded_from"], "world_size": 4, "ep": 2,
