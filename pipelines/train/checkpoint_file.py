@@ -78,6 +78,18 @@ def fill(obj: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
     return obj
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state (dicts, lists, tuples), as a shard stores them: what a
+    reader of exactly that state reads (``ShardReader.tensor_bytes_read``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _raw(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

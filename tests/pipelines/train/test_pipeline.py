@@ -24,6 +24,7 @@ from k2model.model import is_stacked_expert
 from k2model.pipeline import one_f_one_b_order
 from k2model.testing import run_workers
 from pipelines.config import ConfigError, load_config
+from pipelines.train.checkpoint_file import tensor_bytes
 from pipelines.train.checkpointing import LocalRegistry, snapshot
 from pipelines.train.trainer import Trainer
 
@@ -102,7 +103,7 @@ def train(rank: int, world: int, ep: int, pp: int, folder: str | None = None, re
     if resume:
         state = writer.load_latest_registered()
         loaded = {"step": state["step"], "resharded_from": state.get("resharded_from"),
-                  "tensor_bytes": _tensor_bytes({k: v for k, v in state.items() if k != "resharded_from"})}
+                  "tensor_bytes": tensor_bytes({k: v for k, v in state.items() if k != "resharded_from"})}
         trainer.load_state_dict(state)
     steps = []
     while trainer.global_step < STEPS:
@@ -124,16 +125,6 @@ def train(rank: int, world: int, ep: int, pp: int, folder: str | None = None, re
 def train_pp2(rank: int, world: int) -> dict:
     """pp=2, then pp=2 again with the first stage's output poisoned at step 1."""
     return {"straight": train(rank, world, 1, 2), "poisoned": train(rank, world, 1, 2, poison=(0, 1))}
-
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 def train_four_rank_layouts(rank: int, world: int, folder: str) -> dict:

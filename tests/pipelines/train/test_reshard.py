@@ -24,6 +24,7 @@ from k2model.model import is_stacked_expert
 from k2model.testing import run_workers
 from pipelines.config import load_config
 from pipelines.train import checkpoint_file, checkpointing
+from pipelines.train.checkpoint_file import tensor_bytes
 from pipelines.train.trainer import Trainer, math_signature
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 6
@@ -93,16 +94,6 @@ def resume_and_train(rank: int, world: int, ep: int, folder: str, steps: int, ns
     for _ in range(steps):
         trainer.step()
     return loaded, checkpointing.snapshot(trainer.state_dict())
-
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 def _saved_entry(old_states: list[dict], name: str) -> dict:
@@ -182,7 +173,7 @@ def test_two_workers_ep2_into_one_worker(two_worker_ep2):
             for key, value in want.items():
                 assert (torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value), name
     # Of the tensors, exactly what the state holds was read.
-    assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == _tensor_bytes(
+    assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == tensor_bytes(
         {k: v for k, v in loaded.items() if k != "resharded_from"})
     # Training on from it is the uninterrupted 2-worker run, to float rounding.
     full = {n: (torch.cat([uninterrupted[0]["model"][n], uninterrupted[1]["model"][n]]) if is_stacked_expert(n)
@@ -221,7 +212,7 @@ def test_one_worker_into_two_workers_ep2(one_worker_runs, ns_dtype):
                 assert (torch.equal(value, want) if isinstance(value, torch.Tensor) else value == want), name
         owned.append({n for n in state if "momentum" in state[n] and not is_stacked_expert(n)})
         # Each rank read only the tensor bytes it keeps: half the experts, its share of the momenta.
-        assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == _tensor_bytes(
+        assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == tensor_bytes(
             {k: v for k, v in loaded.items() if k != "resharded_from"})
         for name, tensor in final["model"].items():
             want = uninterrupted["model"][name]
