@@ -236,8 +236,8 @@ class PipelineRunner:
             else:
                 self._schedule.step(return_outputs=False)
         # [language-model loss, balance loss], each a mean over the micro-batches, summed over the stages.
-        lm = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64,
-                                                                             device=self.device)
+        lm = (torch.stack(losses).detach().double().sum() if losses
+              else torch.zeros((), dtype=torch.float64, device=self.device))
         parts = torch.stack([lm.to(self.device), self.model.stage_aux_loss / self.num])
         all_reduce_(parts, group=self.layout.pp_group, name="pipeline losses")
         return parts.sum(), parts[0]
