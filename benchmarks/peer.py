@@ -4,7 +4,7 @@ export of the k2model, side by side in one process.
 
 1. A ``preset`` k2model is built with the trainer's initialisation and written out by the export stage's
    own function (``pipelines.stages.export.hf_model_files``) to a local folder; transformers loads that
-   folder with ``from_pretrained`` (a ``DeepseekV3Config`` from the exported ``config.json``).
+   folder with ``from_pretrained``.
 2. Both models run one fp32 forward on the same tokens: the logits must agree, max |difference| at most
    1e-4 of max |logit| (``logits_match``).
 3. Timing: forward, next-token cross-entropy and backward of one micro-batch (``--micro`` sequences of
@@ -26,7 +26,6 @@ Figures measured so far, dated with their machines: benchmarks/results/peer.md.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -55,13 +54,10 @@ def _args(p) -> None:
 
 def load_peer(folder: Path, device: torch.device):
     """transformers' DeepSeek-V3 model from a k2pipe export folder, fp32, its fast kernels chosen by name."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
 
-    hf = json.loads((folder / "config.json").read_text())
-    hf.pop("model_type", None)  # the export's family name (issue: an export transformers loads as is)
-    config = DeepseekV3Config(**hf)
-    model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                  attn_implementation="sdpa", experts_implementation="grouped_mm")
+    model = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
+                                                  experts_implementation="grouped_mm")
     kernels = {"attention": model.config._attn_implementation,
                "experts": getattr(model.config, "_experts_implementation", None)}
     if kernels != {"attention": "sdpa", "experts": "grouped_mm"}:  # never time a slower fallback by accident

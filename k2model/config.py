@@ -197,7 +197,9 @@ class ModelConfig:
         """The DeepSeek-V3 family ``config.json`` fields for this model."""
         hf: dict[str, Any] = {
             "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "kimi_k2" if self.num_expert_groups == 1 else "deepseek_v3",
+            # The family's type, which stock transformers loads without remote code (the released K2 says
+            # kimi_k2, which needs the model's own code).
+            "model_type": "deepseek_v3",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -222,6 +224,7 @@ class ModelConfig:
             "qk_rope_head_dim": self.qk_rope_head_dim,
             "v_head_dim": self.v_head_dim,
             "rope_theta": self.rope_theta,
+            "rope_interleave": True,  # k2model.layers rotates interleaved pairs; written, not left to a default
             "rope_scaling": None,
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
@@ -263,6 +266,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "num_nextn_predict_layers": 0,
             "ep_size": 1,
+            "rope_interleave": True,  # k2model.layers rotates interleaved pairs
         }
         for key, supported in unsupported.items():
             if key in hf and hf[key] != supported:

@@ -48,6 +48,7 @@ def test_hf_round_trip():
 @pytest.mark.parametrize("field,value", [
     ("moe_layer_freq", 2), ("tie_word_embeddings", True), ("attention_bias", True),
     ("hidden_act", "gelu"), ("num_nextn_predict_layers", 1), ("topk_method", "group_limited_greedy"),
+    ("rope_interleave", False),
 ])
 def test_unimplemented_hf_fields_are_rejected_by_name(field, value):
     with pytest.raises(ValueError, match=field):
