@@ -136,7 +136,7 @@ class GradientSync:
     all-reduce starts asynchronously, so communication runs while the backward goes on. ``finish()``
     launches what is left (a parameter that got no gradient in the armed backward, e.g. an expert stack
     that received no tokens, has its bucket launched there, with zeros for a missing gradient), waits,
-    divides by the world size and copies the results back.
+    divides by the data-parallel size (the stage's ranks) and copies the results back.
 
     Buckets are launched strictly in order, so every rank issues the same collectives in the same order
     whatever the timing; they use the layout's own gradient groups, never the group that carries the
@@ -220,7 +220,7 @@ def sync_gradients(model: nn.Module, layout: ParallelLayout,
                    bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
     """Turn each rank's gradient of its local mean loss into the gradient of the global mean loss (see
     the module docstring): replicated parameters averaged over all ranks, expert parameters summed over
-    their replica group and divided by the world size. Call once per step, after the last backward
+    their replica group and divided by the data-parallel size. Call once per step, after the last backward
     (the trainer uses ``GradientSync`` to overlap this with the backward)."""
     GradientSync(model, layout, bucket_numel, overlap=False).finish()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from k2model.config import ModelConfig, count_parameters
 from k2model.distributed import ParallelLayout, all_reduce_, recv_, send_
@@ -218,20 +217,22 @@ class PipelineRunner:
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's forward and backward over every micro-batch; returns the step's mean loss and mean
         language-model loss (float64 device scalars, the same on every rank)."""
-        batches = list(micro_batches)
-        if len(batches) != self.num:
+        first, last = self.layout.is_first_stage, self.layout.is_last_stage
+        # The first stage takes the tokens, the last the targets; a middle stage reads no data at all.
+        batches = list(micro_batches) if first or last else []
+        if (first or last) and len(batches) != self.num:
             raise ValueError(f"the schedule was built for {self.num} micro-batches, got {len(batches)}")
-        inputs = torch.cat([b[0] for b in batches]).to(self.device)
-        targets = torch.cat([b[1] for b in batches]).to(self.device)
         self.model.aux_loss_scale = 1.0 / self.num
         self.model.stage_aux_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         losses: list[torch.Tensor] = []
         # return_outputs=False: the last stage would otherwise keep every micro-batch's logits ([B, T, V]
         # each) to concatenate them after the step, which every rank then waits for (benchmarks/pipeline.py).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.layout.is_first_stage:
+            if first:
+                inputs = torch.cat([b[0] for b in batches]).to(self.device)
                 self._schedule.step(inputs, return_outputs=False)
-            elif self.layout.is_last_stage:
+            elif last:
+                targets = torch.cat([b[1] for b in batches]).to(self.device)
                 self._schedule.step(target=targets, losses=losses, return_outputs=False)
             else:
                 self._schedule.step(return_outputs=False)
@@ -270,16 +271,3 @@ class PipelineRunner:
         adds its bf16 output to it)."""
         return next(self.model.parameters()).dtype
 
-
-def pipeline_group_sum_(tensor: torch.Tensor, layout: ParallelLayout, name: str) -> torch.Tensor:
-    """``tensor`` summed over the rank's pipeline group in place (nothing without a pipeline)."""
-    if layout.pp > 1:
-        all_reduce_(tensor, group=layout.pp_group, name=name)
-    return tensor
-
-
-def pipeline_group_max_(tensor: torch.Tensor, layout: ParallelLayout, name: str) -> torch.Tensor:
-    """``tensor``'s element-wise maximum over the rank's pipeline group, in place."""
-    if layout.pp > 1:
-        all_reduce_(tensor, dist.ReduceOp.MAX, group=layout.pp_group, name=name)
-    return tensor

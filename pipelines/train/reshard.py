@@ -115,12 +115,13 @@ def load_resharded(readers: list[ShardReader], old_ep: int, rank: int, world_siz
 
     first = readers[0].skeleton()
     optimizer = {k: v for k, v in first["optimizer"].items() if k not in ("state", "layout")}
-    # Each group's parameter names: the old stages' lists joined in rank order (stage after stage, so in
-    # the whole model's order), then cut to this rank's stage.
+    # Each group's parameter names: the old stages' lists (one shard each: a stage's ranks share them)
+    # joined stage after stage, so in the whole model's order, then cut to this rank's stage.
+    stage_firsts = [readers[s * (old_world // old_pp)] for s in range(old_pp)]
     groups = []
     for group in first["optimizer"]["param_groups"]:
         names: dict[str, None] = {}
-        for reader in readers:
+        for reader in stage_firsts:
             for old in reader.skeleton()["optimizer"]["param_groups"]:
                 if old["kind"] == group["kind"]:
                     names.update(dict.fromkeys(old["names"]))

@@ -2,10 +2,10 @@
 
 ``Trainer.step()`` (every rank in lockstep):
   1. ``forward_backward(trainer, micro_batches)``: pluggable; the default, ``accumulate_gradients``, runs
-     forward and ``(loss / accumulation).backward()`` per micro-batch (a pipeline schedule plugs in here,
-     the loss then existing on the last stage only);
-  2. gradient sync, overlapped with the last backward (replicated params averaged; expert params summed
-     over holders / world);
+     forward and ``(loss / accumulation).backward()`` per micro-batch; under a pipeline (``train.pp``)
+     ``pipeline_forward_backward`` runs the stage's 1F1B schedule (``k2model.pipeline``);
+  2. gradient sync over the stage's ranks, overlapped with the last backward when not pipelined
+     (replicated params averaged; expert params summed over holders / data-parallel size);
   3. the global gradient norm; a non-finite loss or norm on ANY rank skips the step everywhere;
   4. clipping, the scheduled learning rate, the optimizer step (MuonClip or AdamW);
   5. post-step work: QK-Clip on the step's max logits (MAX over ranks), the router-bias update from the
@@ -38,6 +38,7 @@ import torch.distributed as dist
 from k2model import moe, parallel, qk_clip, schedule
 from k2model.config import flops_per_token
 from k2model.distributed import ParallelLayout, all_ranks_finite, all_reduce_
+from k2model.pipeline import PipelineRunner, partition_layers
 from pipelines.config import RunConfig
 from pipelines.train.checkpointing import CheckpointRegistry, CheckpointWriter, ReshardSpec
 
@@ -159,7 +160,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, batches, val_batches, device: torch.device | None = None, *,
                  layout: ParallelLayout | None = None, forward_backward: ForwardBackward | None = None):
         from k2model.optim import build_optimizer, is_local_expert
-        from k2model.pipeline import PipelineRunner, partition_layers
 
         self.cfg = cfg
         self.device = device or torch.device("cpu")
@@ -313,11 +313,9 @@ class Trainer:
             imbalance = (load.float().max(dim=1).values / mean).max().to(biases.device)
             moe_stats = torch.stack([imbalance, biases.max(), -biases.min()]).float().to(moe_stats.device)
         if layout.pp > 1:
-            from k2model.pipeline import pipeline_group_max_, pipeline_group_sum_
-
-            pipeline_group_max_(max_logits, layout, "max logits of every stage")
-            pipeline_group_max_(moe_stats, layout, "MoE statistics of every stage")
-            pipeline_group_sum_(clipped, layout, "heads clipped in every stage")
+            all_reduce_(max_logits, dist.ReduceOp.MAX, layout.pp_group, name="max logits of every stage")
+            all_reduce_(moe_stats, dist.ReduceOp.MAX, layout.pp_group, name="MoE statistics of every stage")
+            all_reduce_(clipped, group=layout.pp_group, name="heads clipped in every stage")
         if cfg.optimizer.uses_qk_clip:
             extra["qk_clip/heads_clipped"] = float(clipped)
         extra["attn/max_logit"] = float(max_logits.max())

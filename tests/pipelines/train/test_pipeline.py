@@ -237,8 +237,8 @@ def test_a_pp2_ep2_checkpoint_resumes_on_pp4_and_on_one_process(reference, four_
         assert sum(r["loaded"]["resharded_from"]["tensor_bytes_read"]) == r["loaded"]["tensor_bytes"]
     _assert_equivalent(pp4, reference, "pp=2, ep=2 -> pp=4", first_step=SAVE_AT)
     single = train(0, 1, 1, 1, checkpoint_folder, resume=True)
-    assert single["loaded"]["resharded_from"] == {**single["loaded"]["resharded_from"], "world_size": 4, "ep": 2,
-                                                  "pp": 2}
+    old_layout = single["loaded"]["resharded_from"]
+    assert (old_layout["world_size"], old_layout["ep"], old_layout["pp"]) == (4, 2, 2)
     _assert_equivalent([single], reference, "pp=2, ep=2 -> one process", first_step=SAVE_AT)
 
 
