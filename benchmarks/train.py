@@ -174,7 +174,8 @@ def device_breakdown(preset: str, device: torch.device, steps: int, seq: int, mi
     originals = [getattr(m, n) for m, n in patches]
     for (module, name), fn in zip(patches, originals):
         setattr(module, name, timed(name, fn))
-    trainer.optimizer.step = timed("optimizer_step", trainer.optimizer.step)
+    trainer.optimizer.update = timed("optimizer_step", trainer.optimizer.update)
+    trainer.optimizer.publish = timed("parameter_publish", trainer.optimizer.publish)
     trainer.grad_sync.finish = timed("gradient_sync", trainer.grad_sync.finish)
     model_forward = trainer.model.forward
     trainer.model.forward = timed("forward", model_forward)

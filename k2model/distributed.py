@@ -294,6 +294,51 @@ def broadcast_async(tensor: torch.Tensor, group_src: int, group: dist.ProcessGro
     return Pending(dist.broadcast(tensor, src=src, group=group, async_op=True), "broadcast", name, group)
 
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn that they are deprecated).
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_into_(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
+                     name: str) -> torch.Tensor:
+    """Every rank's ``input`` of ``group`` concatenated in rank order into ``output`` (``input`` may be
+    this rank's own part of ``output``: in place); without a distributed run, ``input`` copied."""
+    if not is_distributed(group):
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return output
+    _check("all_gather", name, group, output, input)
+    _timed("all_gather", name, group, lambda: _ALL_GATHER(output, input, group=group))
+    return output
+
+
+def reduce_scatter_async(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, name: str) -> Pending:
+    """Start an in-place reduce-scatter (SUM) of ``tensor`` over ``group``: rank r's equal part of it
+    becomes the sum of every rank's part r (the rest of ``tensor`` is left undefined)."""
+    if not is_distributed(group):
+        return Pending(None, "reduce_scatter", name, group)
+    _check("reduce_scatter", name, group, tensor)
+    size = dist.get_world_size(group)
+    part = tensor.numel() // size
+    if part * size != tensor.numel():
+        raise CollectiveError(f"reduce_scatter({name}): {tensor.numel()} elements do not split into "
+                              f"{size} equal parts")
+    rank = dist.get_rank(group)
+    own = tensor.view(-1)[rank * part:(rank + 1) * part]
+    work = _REDUCE_SCATTER(own, tensor.view(-1), group=group, async_op=True)
+    return Pending(work, "reduce_scatter", name, group)
+
+
+def reduce_async(tensor: torch.Tensor, group_dst: int, group: dist.ProcessGroup | None, *, name: str) -> Pending:
+    """Start a sum of ``tensor`` over ``group`` into rank ``group_dst``'s ``tensor`` (in place; the other
+    ranks' ``tensor`` is left undefined)."""
+    if not is_distributed(group):
+        return Pending(None, "reduce", name, group)
+    _check("reduce", name, group, tensor)
+    dst = dist.get_global_rank(group, group_dst) if group is not None else group_dst
+    return Pending(dist.reduce(tensor, dst=dst, group=group, async_op=True), "reduce", name, group)
+
+
 def all_to_all_single_(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
                        name: str) -> torch.Tensor:
     """Equal splits of ``input`` to every rank of ``group``, received into ``output`` (not differentiable)."""

@@ -11,8 +11,9 @@
   ``...mlp.gate.e_score_correction_bias``, ``lm_head.weight``); routed experts are stacked per layer, and
   ``hf_expert_names`` / ``to_hf_state_dict`` map them to the per-expert names.
 - Weight init is ``init_weights``: every tensor is drawn from a generator seeded by (seed, name) and,
-  for stacked experts, by the global expert index, so the weights do not depend on the expert-parallel
-  layout or module creation order.
+  for stacked experts, by the global expert index, so the weights do not depend on the parallel layout,
+  the device or module creation order. ``build_model`` builds on the meta device and materialises only
+  the tensors the rank keeps.
 
 Tensor name suffixes: B batch, T sequence, D width, V vocabulary, L layers, H heads, E experts.
 """
@@ -216,6 +217,19 @@ class K2ForCausalLM(nn.Module):
         for m in self.moe_layers():
             m.tokens_per_expert.zero_()
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Every buffer at its initial value (after ``to_empty``, which leaves them unset): the rotary
+        tables, zero router biases and loads, no max logits recorded."""
+        cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for router in self.routers():
+            router.e_score_correction_bias.zero_()
+        self.reset_max_logits()
+        self.reset_expert_load()
+        self.stage_aux_loss = torch.zeros((), dtype=torch.float64)
+
 
 def lm_loss_of(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, in fp32 whatever the logits' dtype."""
@@ -250,8 +264,12 @@ def _seed_for(seed: int, name: str, index: int = -1) -> int:
 
 @torch.no_grad()
 def init_weights(model: K2ForCausalLM, seed: int = 0) -> None:
-    """Normal(0, init_std) for every matrix and embedding, ones for norms, zero router biases.
-    Stacked expert tensors are drawn per *global* expert (offset by the rank's first local expert)."""
+    """Normal(0, init_std) for every matrix and embedding, ones for norms, zero router biases, and every
+    buffer at its initial value. Each tensor is drawn on the CPU from a generator seeded by (seed, name)
+    and copied into the parameter wherever it lives, in the parameter's dtype (fp32 values, rounded once);
+    stacked expert tensors are drawn per *global* expert (offset by the rank's first local expert), one
+    expert at a time. So the weights do not depend on the layout, the device or module creation order, and
+    the CPU holds one tensor (one expert) of them at a time."""
     std = model.cfg.init_std
     offsets = {}
     for name, module in model.named_modules():
@@ -272,18 +290,25 @@ def init_weights(model: K2ForCausalLM, seed: int = 0) -> None:
         else:
             gen = torch.Generator().manual_seed(_seed_for(seed, name))
             p.copy_(torch.randn(p.shape, generator=gen) * std)
-    for router in model.routers():
-        router.e_score_correction_bias.zero_()
-    model.reset_max_logits()
-    model.reset_expert_load()
+    model.reset_buffers()
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, dispatchers: list[ExpertDispatcher] | None = None,
-                device: torch.device | str | None = None) -> K2ForCausalLM:
-    model = K2ForCausalLM(cfg, dispatchers)
+                device: torch.device | str | None = None, *, stage_layers: range | None = None,
+                param_dtype: torch.dtype = torch.float32) -> K2ForCausalLM:
+    """The model, initialised by ``init_weights``, on ``device`` (default CPU) with parameters in
+    ``param_dtype``. It is built on the meta device first, cut to ``stage_layers`` (a pipeline stage,
+    ``K2ForCausalLM.keep_stage``) when given, and only then materialised, tensor by tensor: no process
+    ever holds a parameter its rank does not keep, nor the whole model in fp32 on its way to a device."""
+    with torch.device("meta"):
+        model = K2ForCausalLM(cfg, dispatchers)
+    if stage_layers is not None:
+        model.keep_stage(stage_layers)
+    for p in model.parameters():
+        if p.dtype != param_dtype:
+            p.data = p.data.to(param_dtype)  # still on the meta device: costs nothing
+    model.to_empty(device=torch.device("cpu") if device is None else device)
     init_weights(model, seed)
-    if device is not None:
-        model.to(device)
     return model
 
 

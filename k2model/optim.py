@@ -16,35 +16,34 @@ Layout:
 - Stacked experts ``[E, out, in]`` are E matrices, each orthogonalised on its own ``[out, in]`` slice.
 - All matrices of one shape, taken in their wide orientation (a ``[128, 64]`` down-projection joins the
   ``[64, 128]`` gate/up projections), are orthogonalised as ONE batched bmm chain per step.
-- Momentum and AdamW moments are kept in fp32 whatever the parameter dtype; updates are computed in fp32.
+- Momentum and AdamW moments are kept in fp32 whatever the parameter dtype; updates are computed in fp32,
+  into an fp32 master copy where the parameters are of another dtype (``train.param_dtype=bfloat16``).
+- Bounded transients: a shape's matrices are orthogonalised in slices of at most ``MUON_SLICE_BYTES``
+  of fp32 (whole Newton-Schulz sub-stacks, so each matrix's arithmetic is the same as in one stack), and
+  AdamW updates ``ADAMW_CHUNK_NUMEL`` elements at a time.
 
-Distributed Muon (data parallel; our scheme, not Moonlight's ZeRO-1):
-- Every replicated Muon parameter (identical on all ranks of ``process_group``, its gradient already
-  averaged by the trainer) has ONE owner, assigned once by ``assign_owners``: greedy largest-first by
-  Newton-Schulz FLOPs onto the least-loaded rank. Only the owner keeps its momentum and runs its
-  Newton-Schulz; after the step each owner broadcasts its updated parameters (one flat buffer per owner
-  and dtype) and the other ranks copy them in. A rank thus does ~1/N of the orthogonalisation and holds
-  ~1/N of the Muon momentum, and every replica ends bit-identical to the owner.
-- Why not ZeRO-1 (reduce-scatter the gradients, momentum on a flat 1/N shard, all-gather full matrices
-  before Newton-Schulz, keep the local part): Newton-Schulz needs whole matrices, so ZeRO-1 gathers every
-  momentum matrix to every rank and repeats the full orthogonalisation N times; owning whole matrices does
-  each orthogonalisation once, for one broadcast of the parameters, with plain collectives. The cost is a
-  coarser balance (whole matrices, not flat shards), good when matrices are many and similar, as here.
-  The trainer may still all-reduce gradients as usual; a reduce to the owner would halve that traffic for
-  Muon matrices (not done).
-- Parameters marked rank-local (``rank_local``: routed experts under expert parallelism, whose slices
-  differ between ranks) are updated on their own rank with no communication. If several data-parallel
-  replicas hold the same expert shard, each repeats that work: it is identical on all of them.
-- AdamW parameters are replicated: every rank updates them identically (cheap, elementwise).
+Distributed: ZeRO-1 over the layout's replica groups (``k2model.zero``; Moonlight's distributed Muon,
+with whole matrices kept whole):
+- Every Muon matrix has one owner in its replica group (an expert stack: one run of experts per
+  replica), the only rank that keeps its momentum and master and runs its Newton-Schulz; an AdamW
+  parameter is cut into flat shards of its bucket, one per rank, each rank keeping the moments and master
+  of its shard. A rank thus does ~1/N of the orthogonalisation and holds ~1/N of the state.
+- Why whole matrices and not flat Muon shards (reduce-scatter, momentum on a flat 1/N shard, all-gather
+  full matrices before Newton-Schulz, keep the local part): Newton-Schulz needs whole matrices, so flat
+  shards would gather every momentum matrix to every rank and repeat the orthogonalisation N times; an
+  owner does each one once, for one broadcast of the parameter. The cost is a coarser balance, good when
+  matrices are many and similar, as here.
+- ``update()`` reads the averaged gradient of what this rank owns (``k2model.parallel.GradientSync`` puts
+  it there: reduce to the owner, reduce-scatter of the buckets); ``publish()`` broadcasts each owned
+  matrix (run of experts) and all-gathers each bucket, so every replica ends bit-identical.
 - The result equals the single-process optimizer: the same arithmetic on the same matrices; only the
   batch that Newton-Schulz stacks a matrix into differs.
 
-Checkpoints: ``state_dict()`` is keyed by parameter NAME and holds this rank's state only (its owned and
-local Muon momenta plus all AdamW moments), so each rank saves its own shard; loading the shard into the
-same layout continues bit-for-bit. ``merge_state_dicts`` joins the shards of all ranks into one state that
-loads into any data-parallel size (expert stacks must keep their shapes); a state in the same merged form
-with only this rank's entries, expert stacks re-cut, loads into any layout (``pipelines.train.reshard`` builds it
-from a checkpoint's shards).
+Checkpoints: ``state_dict()`` is keyed by parameter NAME and holds this rank's state only, each entry with
+its ``span``: the flat elements of the whole model's parameter it covers (expert stacks counted over every
+expert). Loading the shard into the same layout continues bit-for-bit; ``merge_state_dicts`` joins every
+rank's entries into whole ones, which load into any layout; ``pipelines.train.reshard`` reads from a
+checkpoint exactly the spans a rank of another layout owns.
 
 Tensor name suffixes: K stacked matrices, M rows, N columns (of the wide orientation, M <= N).
 """
@@ -54,7 +53,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,7 +61,9 @@ import torch.distributed as dist
 from torch import nn
 
 from k2model.config import OptimizerConfig
-from k2model.distributed import agree, broadcast_async
+from k2model.distributed import ParallelLayout, agree, all_gather_into_, broadcast_async, is_distributed
+from k2model.qk_clip import scale_weight_rows
+from k2model.zero import DEFAULT_BUCKET_NUMEL, Bucket, ParamInfo, ShardPlan
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -76,7 +77,13 @@ NS_CHUNK_BYTES_OTHER = 8 << 20
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 """/proc/cpuinfo flags of CPUs with bf16 matrix instructions: x86 AMX and AVX512-BF16, Arm's BF16."""
-STATE_FORMAT = "k2pipe.muonclip/1"
+STATE_FORMAT = "k2pipe.muonclip/2"
+MUON_SLICE_BYTES = 512 << 20
+"""The most bytes of fp32 matrices the Muon step stacks for one Newton-Schulz call (``muon_slice_matrices``):
+a shape's matrices beyond it are orthogonalised in further slices through the same arithmetic."""
+ADAMW_CHUNK_NUMEL = 1 << 22
+"""Elements the AdamW step updates at once: its temporaries stay under a few of these, whatever the size of
+the parameter (shard) it updates."""
 
 NamedParams = Sequence[tuple[str, torch.Tensor]]
 
@@ -235,7 +242,7 @@ def muon_flops(p: torch.Tensor, steps: int = 5) -> int:
 
 # ---------------------------------------------------------------------- parameter routing
 def is_local_expert(name: str) -> bool:
-    """Routed-expert stacks, which are rank-local under expert parallelism (pass as ``rank_local``)."""
+    """Routed-expert stacks: their replica group is the expert replica group (``k2model.zero``)."""
     return ".mlp.experts." in name
 
 
@@ -272,22 +279,34 @@ def assign_owners(costs: dict[str, float], world_size: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------------- the optimizer
 class MuonClip(torch.optim.Optimizer):
-    """Muon on ``muon_params`` and AdamW on ``adamw_params`` (see the module docstring).
+    """Muon on ``muon_params`` and AdamW on ``adamw_params`` (see the module docstring), with ZeRO-1 over
+    the replica groups of ``layout`` (``k2model.zero``).
 
-    ``muon_params`` / ``adamw_params``: (name, parameter) pairs; names key the state dict.
-    ``distributed``: own each replicated Muon matrix on one rank of ``process_group`` (default WORLD);
-    None means "when torch.distributed is initialised with more than one rank".
-    ``rank_local``: names (or a predicate on names) of Muon parameters that differ between ranks
-    (expert-parallel shards); they are never owned or broadcast.
+    ``muon_params`` / ``adamw_params``: (name, parameter) pairs; names key the state dict. Routed-expert
+    stacks are recognised by name (``is_local_expert``).
+    ``layout``: the parallel layout (data-parallel group of the stage, expert replica groups). Without
+    one, ``distributed`` (None: "when torch.distributed is initialised with more than one rank") makes
+    every parameter, experts included, replicated over ``process_group`` (default WORLD).
+    ``bucket_numel``: elements per AdamW bucket (``k2model.zero.DEFAULT_BUCKET_NUMEL``);
+    ``slice_bytes``: the most bytes of fp32 matrices one Newton-Schulz stack holds (``MUON_SLICE_BYTES``).
+    ``param_order``: every name in the model's ``named_parameters`` order (the backward produces gradients
+    in about its reverse, which the gradient sync's buckets follow); default: Muon's, then AdamW's.
+
+    Each step reads the gradient of what this rank owns: ``p.grad`` for fp32 parameters, ``p.main_grad``
+    (fp32, ``k2model.parallel.GradientSync`` accumulates it) for parameters of another dtype, whose fp32
+    master copy this optimizer keeps for the part it owns. ``step()`` is ``update()`` (the owned part:
+    momenta, moments, masters, and the parameters themselves where they are fp32) then ``publish()`` (every
+    rank's parameters from their owners); QK-Clip runs between the two (``scale_rows_``).
 
     Param groups carry ``lr`` (set it each step, e.g. ``k2model.schedule.set_lr``) and ``kind``
     (``muon`` or ``adamw``). With no Muon parameters this is plain AdamW (the baseline).
     """
 
     def __init__(self, muon_params: NamedParams, adamw_params: NamedParams, lr: float,
-                 cfg: OptimizerConfig | None = None, *, distributed: bool | None = None,
-                 process_group: dist.ProcessGroup | None = None,
-                 rank_local: Collection[str] | Callable[[str], bool] | None = None):
+                 cfg: OptimizerConfig | None = None, *, layout: ParallelLayout | None = None,
+                 distributed: bool | None = None, process_group: dist.ProcessGroup | None = None,
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, slice_bytes: int | None = None,
+                 param_order: Sequence[str] | None = None):
         cfg = cfg or OptimizerConfig()
         self.cfg = cfg
         muon_params, adamw_params = list(muon_params), list(adamw_params)
@@ -297,12 +316,22 @@ class MuonClip(torch.optim.Optimizer):
         for name, p in muon_params:
             if p.ndim < 2:
                 raise ValueError(f"Muon parameter {name!r} has shape {tuple(p.shape)}; Muon needs >= 2 dims")
-        if distributed is None:
-            distributed = (dist.is_available() and dist.is_initialized()
-                           and dist.get_world_size(process_group) > 1)
+        if layout is not None:
+            dp_group, dp, dp_rank = layout.dp_group, layout.dp_size, layout.dp_rank
+            expert_group, replicas = layout.expert_replica_group, layout.num_expert_replicas
+            replica_rank, self.expert_offset_of = layout.dp_rank // layout.ep, layout.ep_rank
+        else:
+            if distributed is None:
+                distributed = is_distributed(process_group)
+            dp_group = expert_group = process_group
+            dp = replicas = dist.get_world_size(process_group) if distributed else 1
+            dp_rank = replica_rank = dist.get_rank(process_group) if distributed else 0
+            self.expert_offset_of = 0
+        self.process_group, self.expert_group = dp_group, expert_group
+        self.world_size, self.rank = dp, dp_rank
         groups = []
         if muon_params:
-            ns_dtype = self._agreed_ns_dtype(cfg.ns_dtype, muon_params[0][1].device, distributed, process_group)
+            ns_dtype = self._agreed_ns_dtype(cfg.ns_dtype, muon_params[0][1].device, dp > 1, dp_group)
             groups.append(dict(
                 params=[p for _, p in muon_params], names=[n for n, _ in muon_params], kind="muon", lr=lr,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -315,24 +344,19 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError("MuonClip got no parameters")
         super().__init__(groups, {})
 
-        self.process_group = process_group
-        self.rank = dist.get_rank(process_group) if distributed else 0
-        self.world_size = dist.get_world_size(process_group) if distributed else 1
-        if callable(rank_local):
-            is_local = rank_local
-        else:
-            local_set = set(rank_local or ())
-            is_local = local_set.__contains__
-        self.owner_of: dict[str, int | None] = {}
-        """Owning rank (in ``process_group``) of each Muon parameter; None for rank-local ones."""
-        costs = {}
-        for name, p in muon_params:
-            if is_local(name):
-                self.owner_of[name] = None
-            else:
-                costs[name] = muon_flops(p, cfg.ns_steps)
-        self.owner_of.update(assign_owners(costs, self.world_size))
-        self._param_names = {p: n for n, p in muon_params + adamw_params}
+        muon_names = {n for n, _ in muon_params}
+        # The plan walks the parameters in the model's order (the order the backward reverses).
+        ordered = muon_params + adamw_params
+        if param_order is not None:
+            position = {n: i for i, n in enumerate(param_order)}
+            ordered.sort(key=lambda pair: position[pair[0]])
+        infos = [ParamInfo(n, tuple(p.shape), n in muon_names, is_local_expert(n)) for n, p in ordered]
+        self.plan = ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
+                              bucket_numel=bucket_numel, ns_steps=cfg.ns_steps)
+        """Which part of each parameter this rank updates (``k2model.zero.ShardPlan``)."""
+        self.slice_bytes = MUON_SLICE_BYTES if slice_bytes is None else slice_bytes
+        self._param_names = {p: n for n, p in ordered}
+        self._params = dict(ordered)
         self.last_step_stats: dict[str, float] = {}
         """This rank's Newton-Schulz work in the last step: ``ns_matrices``, ``ns_flops``, ``ns_batches``."""
 
@@ -354,13 +378,37 @@ class MuonClip(torch.optim.Optimizer):
         """The dtype Newton-Schulz runs in (``auto`` resolved; a checkpoint's value after loading it)."""
         return next((g["ns_dtype"] for g in self.param_groups if g["kind"] == "muon"), None)
 
-    def computes_here(self, name: str) -> bool:
-        owner = self.owner_of.get(name)
-        return owner is None or owner == self.rank
-
     def momentum_numel(self) -> int:
         """Muon momentum elements held by this rank."""
         return sum(s["momentum"].numel() for s in self.state.values() if "momentum" in s)
+
+    def owned_parts(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, flat view of the owned part of the parameter, the same part of its fp32 gradient) for
+        every parameter with a gradient of which this rank owns a part."""
+        for name, p in self._params.items():
+            span = self.plan.owned(name)
+            g = grad_of(p)
+            if span is not None and g is not None:
+                yield name, p.view(-1)[span[0]:span[1]], g.view(-1)[span[0]:span[1]]
+
+    def owned_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, flat fp32 gradient of the part this rank owns): the gradient norm and clipping act on
+        these (each element of the model is owned by exactly one rank of the world)."""
+        for name, _, g in self.owned_parts():
+            yield name, g
+
+    def global_span(self, name: str) -> tuple[int, int] | None:
+        """What this rank owns of parameter ``name`` as a flat element range of the whole model's tensor
+        (expert stacks counted over every expert), or None: how a checkpoint's optimizer state is keyed."""
+        span = self.plan.owned(name)
+        if span is None:
+            return None
+        shift = self._expert_shift(name)
+        return span[0] + shift, span[1] + shift
+
+    def _expert_shift(self, name: str) -> int:
+        info = self.plan.params[name]
+        return self.expert_offset_of * info.numel if info.expert else 0
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -369,130 +417,216 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.update()
+        self.publish()
+        return loss
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Update the part of every parameter this rank owns (its master copy where it keeps one)."""
         stats = dict(ns_matrices=0, ns_flops=0, ns_batches=0)
         for group in self.param_groups:
             if group["kind"] == "muon":
-                self._muon_step(group, stats)
+                self._muon_update(group, stats)
             else:
-                self._adamw_step(group)
-        if self.world_size > 1:
-            self._broadcast_owned()
+                self._adamw_update(group)
         self.last_step_stats = stats
-        return loss
 
-    def _muon_step(self, group: dict[str, Any], stats: dict[str, int]) -> None:
+    def _target(self, p: torch.Tensor, state: dict[str, Any], span: tuple[int, int]) -> torch.Tensor:
+        """What the update writes: the fp32 master of the owned part, or the parameter's own flat part."""
+        if "master" in state:
+            return state["master"].view(-1)
+        return p.view(-1)[span[0]:span[1]]
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], span: tuple[int, int], shape: tuple[int, ...],
+                    keys: tuple[str, ...]) -> None:
+        state["span"] = span
+        for key in keys:
+            state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if p.dtype != torch.float32:
+            state["master"] = p.detach().view(-1)[span[0]:span[1]].float().reshape(shape)
+
+    def _muon_update(self, group: dict[str, Any], stats: dict[str, int]) -> None:
         mu, nesterov = group["momentum"], group["nesterov"]
-        # Same-shape matrices (wide orientation) from the whole model, orthogonalised as one stack: per wide
-        # shape (m, n), each parameter with its gradient, momentum and (matrices, rows, cols).
-        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   tuple[int, int, int]]]] = {}
+        # Same-shape matrices (wide orientation) from the whole model, orthogonalised together in slices of
+        # at most ``slice_bytes``: per wide shape (m, n), the owned matrices of each parameter with their
+        # gradient, momentum and update target, as [k, rows, cols] views.
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for p, name in zip(group["params"], group["names"]):
-            if p.grad is None or not self.computes_here(name):
+            rows_range = self.plan.owned_rows(name)
+            g = grad_of(p)
+            if rows_range is None or g is None:
                 continue
-            g = p.grad.float()
+            rows, cols = p.shape[-2], p.shape[-1]
+            span = self.plan.owned(name)
+            k = len(rows_range)
             state = self.state[p]
             if "momentum" not in state:
-                state["momentum"] = _fp32_zeros_like(p)
-            M = state["momentum"]
-            M.mul_(mu).add_(g)
-            shape = _matrix_shape(p)
-            by_shape.setdefault((min(shape[1:]), max(shape[1:])), []).append((p, g, M, shape))
+                shape = tuple(p.shape) if k == self.plan.params[name].matrices else (k, rows, cols)
+                self._init_state(p, state, span, shape, ("momentum",))
+            g_KRC = g.view(-1)[span[0]:span[1]].view(k, rows, cols)
+            M_KRC = state["momentum"].view(k, rows, cols)
+            M_KRC.mul_(mu).add_(g_KRC)
+            target_KRC = self._target(p, state, span).view(k, rows, cols)
+            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append((g_KRC, M_KRC, target_KRC))
 
-        ns_dtype, steps = NS_DTYPES[group["ns_dtype"]], group["ns_steps"]
-        lr, weight_decay = group["lr"], group["weight_decay"]
+        ns_dtype = NS_DTYPES[group["ns_dtype"]]
         for (m, n), items in by_shape.items():
-            # The Nesterov update g + mu M is written straight into its slot of the stack (transposed for
-            # tall matrices): no per-parameter temporary and no concatenation pass.
-            stack_KMN = torch.empty(sum(shape[0] for *_, shape in items), m, n, dtype=torch.float32,
-                                    device=items[0][0].device)
-            start = 0
-            for _, g, M, (k, rows, cols) in items:
-                slot = stack_KMN[start:start + k]
-                slot_KRC = slot.mT if rows > cols else slot
-                if nesterov:
-                    torch.add(g.reshape(k, rows, cols), M.view(k, rows, cols), alpha=mu, out=slot_KRC)
-                else:
-                    slot_KRC.copy_(M.view(k, rows, cols))
-                start += k
-            ortho_KMN = newton_schulz(stack_KMN, steps, ns_dtype)
-            stats["ns_matrices"] += stack_KMN.shape[0]
-            stats["ns_flops"] += stack_KMN.shape[0] * newton_schulz_flops(m, n, steps)
-            stats["ns_batches"] += 1
-            scale = group["rms_scale"] * math.sqrt(n)
-            start = 0
-            for p, _, _, (k, rows, cols) in items:
-                o_KMN = ortho_KMN[start:start + k]
-                start += k
-                o_KRC = o_KMN.mT if rows > cols else o_KMN
-                _apply_decoupled(p, o_KRC.view(p.shape), lr, weight_decay, scale)
+            total = sum(g.shape[0] for g, _, _ in items)
+            per_slice = muon_slice_matrices(total, m, n, ns_dtype, self.slice_bytes, items[0][0].device)
+            stack_KMN = torch.empty(min(per_slice, total), m, n, dtype=torch.float32, device=items[0][0].device)
+            filled, targets = 0, []
+            for g_KRC, M_KRC, target_KRC in items:
+                start = 0
+                while start < g_KRC.shape[0]:
+                    take = min(g_KRC.shape[0] - start, per_slice - filled)
+                    # The Nesterov input g + mu M goes straight into its slot of the stack (transposed for
+                    # tall matrices): no per-parameter temporary and no concatenation pass.
+                    slot = stack_KMN[filled:filled + take]
+                    slot_KRC = slot.mT if g_KRC.shape[-2] > g_KRC.shape[-1] else slot
+                    if nesterov:
+                        torch.add(g_KRC[start:start + take], M_KRC[start:start + take], alpha=mu, out=slot_KRC)
+                    else:
+                        slot_KRC.copy_(M_KRC[start:start + take])
+                    targets.append(target_KRC[start:start + take])
+                    filled += take
+                    start += take
+                    if filled == per_slice:
+                        self._orthogonalise_and_apply(group, stack_KMN, targets, stats)
+                        filled, targets = 0, []
+            if filled:
+                self._orthogonalise_and_apply(group, stack_KMN[:filled], targets, stats)
 
-    def _adamw_step(self, group: dict[str, Any]) -> None:
+    @staticmethod
+    def _orthogonalise_and_apply(group: dict[str, Any], stack_KMN: torch.Tensor, targets: list[torch.Tensor],
+                                 stats: dict[str, int]) -> None:
+        """Newton-Schulz of one slice of Nesterov inputs, and each matrix's update into its target (the
+        targets' matrices, in stack order)."""
+        K, m, n = stack_KMN.shape
+        steps = group["ns_steps"]
+        ortho_KMN = newton_schulz(stack_KMN, steps, NS_DTYPES[group["ns_dtype"]])
+        scale = group["rms_scale"] * math.sqrt(n)
+        at = 0
+        for target_KRC in targets:
+            o_KMN = ortho_KMN[at:at + target_KRC.shape[0]]
+            at += target_KRC.shape[0]
+            o_KRC = o_KMN.mT if target_KRC.shape[-2] > target_KRC.shape[-1] else o_KMN
+            _apply_decoupled(target_KRC, o_KRC, group["lr"], group["weight_decay"], scale)
+        stats["ns_matrices"] += K
+        stats["ns_flops"] += K * newton_schulz_flops(m, n, steps)
+        stats["ns_batches"] += 1
+
+    def _adamw_update(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p, name in zip(group["params"], group["names"]):
+            span = self.plan.owned(name)
+            g = grad_of(p)
+            if span is None or g is None:
                 continue
-            g = p.grad.float()
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = _fp32_zeros_like(p)
-                state["exp_avg_sq"] = _fp32_zeros_like(p)
+                self._init_state(p, state, span, (span[1] - span[0],), ("exp_avg", "exp_avg_sq"))
             state["step"] += 1
             t = state["step"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(g, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-            _apply_decoupled(p, exp_avg.div(denom), group["lr"], group["weight_decay"], 1 / (1 - beta1**t))
+            g_flat = g.view(-1)[span[0]:span[1]]
+            target = self._target(p, state, span)
+            bias2, scale = math.sqrt(1 - beta2**t), 1 / (1 - beta1**t)
+            # Elementwise, in chunks: the temporaries stay under ADAMW_CHUNK_NUMEL elements whatever the
+            # shard's size, and each element's arithmetic is the same.
+            for lo in range(0, g_flat.numel(), ADAMW_CHUNK_NUMEL):
+                hi = min(lo + ADAMW_CHUNK_NUMEL, g_flat.numel())
+                exp_avg, exp_avg_sq = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
+                exp_avg.lerp_(g_flat[lo:hi], 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g_flat[lo:hi], g_flat[lo:hi], value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / bias2).add_(eps)
+                _apply_decoupled(target[lo:hi], exp_avg.div(denom), lr, weight_decay, scale)
 
-    def _broadcast_owned(self) -> None:
-        """Every owner sends its replicated Muon parameters, one flat buffer per (owner, dtype)."""
-        buckets: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
-        for group in self.param_groups:
-            if group["kind"] != "muon":
-                continue
-            for p, name in zip(group["params"], group["names"]):
-                owner = self.owner_of[name]
-                if owner is not None:
-                    buckets.setdefault((owner, p.dtype), []).append(p)
+    @torch.no_grad()
+    def scale_rows_(self, weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
+        """``weight[rows] *= factors[:, None]`` (QK-Clip) on what this rank owns of the 2-D parameter
+        ``weight``: its fp32 master where it keeps one, else the parameter itself; ``publish()`` then sends
+        the result to the other ranks. Call between ``update()`` and ``publish()``."""
+        name = self._param_names[weight]
+        span = self.plan.owned(name)
+        if span is None:
+            return
+        state = self.state[weight]
+        cols = weight.shape[-1]
+        if span == (0, weight.numel()):
+            scale_weight_rows(state["master"].view(weight.shape) if "master" in state else weight, rows, factors)
+            return
+        # A flat shard (AdamW) covers rows in part: scale each owned element by its row's factor (1 for rows
+        # not clipped, which leaves them bit-for-bit as they are).
+        factor_of_row = torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
+        factor_of_row[rows] = factors.float()
+        row_of = torch.arange(span[0], span[1], device=weight.device) // cols
+        flat = self._target(weight, state, span)
+        flat.copy_((flat.float() * factor_of_row[row_of]).to(flat.dtype))
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        """Every rank's parameters from their owners: the owner casts its master into the parameter
+        (parameters of another dtype than fp32), then broadcasts whole Muon matrices (runs of experts)
+        in place, and each AdamW bucket is all-gathered through one bucket-sized buffer at a time."""
+        for p in self._params.values():
+            state = self.state.get(p)
+            if state and "master" in state:
+                lo, hi = state["span"]
+                p.view(-1)[lo:hi].copy_(state["master"].view(-1))
+        plan = self.plan
         pending = []
-        for (owner, dtype), params in buckets.items():
-            if owner == self.rank:
-                flat = torch.cat([p.reshape(-1) for p in params])
-            else:
-                flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-            work = broadcast_async(flat, owner, self.process_group, name=f"Muon parameters of rank {owner}")
-            pending.append((owner, params, flat, work))
-        for owner, params, flat, work in pending:
+        for name, owner in plan.muon_owner.items():
+            pending.append(broadcast_async(self._params[name].data, owner, self.process_group,
+                                           name=f"Muon parameter {name}"))
+        for name, runs in plan.expert_runs.items():
+            p = self._params[name]
+            for run, owner in runs:
+                if len(run):
+                    pending.append(broadcast_async(p.data[run.start:run.stop], owner, self.expert_group,
+                                                   name=f"experts {run.start}-{run.stop - 1} of {name}"))
+        for bucket in plan.buckets:
+            self._gather_bucket(bucket)
+        for work in pending:
             work.wait()
-            if owner != self.rank:
-                offset = 0
-                for p in params:
-                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+
+    def _gather_bucket(self, bucket: Bucket) -> None:
+        params = [self._params[n] for n in bucket.names]
+        dtype, device = params[0].dtype, params[0].device
+        rank, shard = self.plan.group_rank(bucket.expert), bucket.shard_numel
+        full = torch.zeros(bucket.padded_numel, dtype=dtype, device=device)
+        own = full[rank * shard:(rank + 1) * shard]
+        for p, offset in zip(params, bucket.offsets):
+            lo, hi = max(offset, rank * shard), min(offset + p.numel(), (rank + 1) * shard)
+            if lo < hi:
+                own[lo - rank * shard:hi - rank * shard].copy_(p.view(-1)[lo - offset:hi - offset])
+        group = self.expert_group if bucket.expert else self.process_group
+        all_gather_into_(full, own, group, name=f"AdamW bucket of {bucket.names[0]}")
+        for p, offset in zip(params, bucket.offsets):
+            p.view(-1).copy_(full[offset:offset + p.numel()])
 
     # ------------------------------------------------------------------ checkpoint state
-    def _owners_for_state(self) -> dict[str, int]:
-        return {n: (-1 if o is None else o) for n, o in self.owner_of.items()}
-
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state keyed by parameter name (tensors are references, as in torch)."""
+        """This rank's state keyed by parameter name, each entry with its ``span`` (``global_span``)
+        (tensors are references, as in torch)."""
         state = {}
         for p, s in self.state.items():
             if s:
-                state[self._param_names[p]] = dict(s)
+                name = self._param_names[p]
+                entry = dict(s)
+                entry["span"] = list(self.global_span(name))
+                state[name] = entry
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {
-            "format": STATE_FORMAT,
-            "state": state,
-            "param_groups": groups,
-            "layout": {"world_size": self.world_size, "rank": self.rank,
-                       "owners": self._owners_for_state()},
-        }
+        return {"format": STATE_FORMAT, "state": state, "param_groups": groups,
+                "layout": {"dp": self.plan.dp, "dp_rank": self.plan.dp_rank, "replicas": self.plan.replicas,
+                           "replica_rank": self.plan.replica_rank}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a shard saved by ``state_dict`` in the same layout, or a ``merge_state_dicts`` result in
-        any data-parallel layout. Tensors are copied, never aliased."""
+        """Load a state whose entries cover what this rank owns: this rank's own ``state_dict`` (the same
+        layout), a ``merge_state_dicts`` result, or what ``pipelines.train.reshard`` assembled for this rank
+        of another layout. Each entry's ``span`` says which part of the parameter its tensors hold; the
+        part this rank owns is cut out of it. Tensors are copied, never aliased."""
         if state_dict.get("format") != STATE_FORMAT:
             raise ValueError(f"optimizer state has format {state_dict.get('format')!r}, "
                              f"expected {STATE_FORMAT!r}")
@@ -508,35 +642,41 @@ class MuonClip(torch.optim.Optimizer):
                 extra = sorted(set(saved["names"]) - set(group["names"]))[:5]
                 raise ValueError(f"optimizer state's {kind} parameters differ from the model's: missing "
                                  f"{missing}, unexpected {extra} (first 5 of each; or a different order)")
-        layout = state_dict.get("layout", {})
-        same_layout = (layout.get("world_size") == self.world_size and layout.get("rank") == self.rank
-                       and layout.get("owners") == self._owners_for_state())
-        by_name = {n: p for p, n in self._param_names.items()}
-        unknown = sorted(set(state_dict["state"]) - set(by_name))
+        unknown = sorted(set(state_dict["state"]) - set(self._params))
         if unknown:
             raise ValueError(f"optimizer state holds parameters the model lacks: {unknown[:5]}")
 
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         for name, saved in state_dict["state"].items():
-            p = by_name[name]
-            if name in self.owner_of and not self.computes_here(name):
-                continue  # another rank owns this matrix (merged state)
-            entry = {}
+            p = self._params[name]
+            want = self.global_span(name)
+            if want is None:
+                continue  # another rank owns all of it (a merged state)
+            have = saved.get("span")
+            if have is None or not (have[0] <= want[0] and want[1] <= have[1]):
+                raise ValueError(f"optimizer state of {name} covers elements {have} of the parameter; this rank "
+                                 f"updates {list(want)}: load the shard of this rank's layout, a merged state or "
+                                 "a resharded one")
+            span = self.plan.owned(name)
+            kind = "muon" if "momentum" in saved else "adamw"
+            rows_range = self.plan.owned_rows(name) if kind == "muon" else None
+            shape = ((span[1] - span[0],) if kind == "adamw"
+                     else tuple(p.shape) if len(rows_range) == self.plan.params[name].matrices
+                     else (len(rows_range), *p.shape[-2:]))
+            entry: dict[str, Any] = {"span": span}
             for key, value in saved.items():
+                if key == "span":
+                    continue
                 if isinstance(value, torch.Tensor):
-                    if value.shape != p.shape:
-                        raise ValueError(f"optimizer state {name}.{key} has shape {tuple(value.shape)}, the "
-                                         f"parameter {tuple(p.shape)} (different expert-parallel layout?)")
-                    value = value.to(device=p.device, dtype=torch.float32, copy=True)
+                    part = value.reshape(-1)[want[0] - have[0]:want[1] - have[0]]
+                    value = part.to(device=p.device, dtype=torch.float32, copy=True).reshape(shape)
                 entry[key] = value
+            if p.dtype != torch.float32 and "master" not in entry:
+                raise ValueError(f"optimizer state of {name} has no fp32 master copy, but the parameter is "
+                                 f"{p.dtype} (train.param_dtype changed?)")
+            if p.dtype == torch.float32:
+                entry.pop("master", None)
             new_state[p] = entry
-        if not same_layout:
-            # A Muon matrix this rank now computes but whose momentum is in nobody's saved shard.
-            lacking = [n for n in self.owner_of if self.computes_here(n) and n not in state_dict["state"]]
-            if lacking and layout.get("world_size") is not None:
-                raise ValueError(f"this rank ({self.rank} of {self.world_size}) computes {lacking[:3]}... "
-                                 f"whose momentum is not in this shard (saved by rank {layout.get('rank')} "
-                                 f"of {layout.get('world_size')}); load a merge_state_dicts result instead")
         for kind, group in own_groups.items():
             for key, value in saved_groups[kind].items():
                 if key not in ("names", "kind"):
@@ -545,8 +685,22 @@ class MuonClip(torch.optim.Optimizer):
         self.state.update(new_state)
 
 
-def _fp32_zeros_like(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 gradient the optimizer reads: ``p.main_grad`` where the parameter keeps one (a parameter of
+    another dtype, ``k2model.parallel.GradientSync``), else ``p.grad``."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def muon_slice_matrices(num_matrices: int, m: int, n: int, ns_dtype: torch.dtype, slice_bytes: int,
+                        device: torch.device | str) -> int:
+    """Matrices per Newton-Schulz stack of ``num_matrices`` wide [m, n] matrices: as many as
+    ``slice_bytes`` of fp32 hold, rounded down to whole sub-stacks of ``newton_schulz`` (so each matrix
+    meets the same sub-stack, and the same arithmetic, as in one stack of them all), at least one
+    sub-stack."""
+    chunk = ns_sub_stack_size(num_matrices, m, n, ns_dtype, ns_chunk_bytes(device))
+    fit = slice_bytes // (m * n * 4)
+    return max(chunk, fit // chunk * chunk)
 
 
 def _apply_decoupled(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float,
@@ -560,25 +714,43 @@ def _apply_decoupled(p: torch.Tensor, update: torch.Tensor, lr: float, weight_de
 
 
 def merge_state_dicts(shards: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One optimizer state from every rank's ``state_dict`` (Muon momenta are disjoint between owners;
-    replicated AdamW state is taken from the first shard holding it). Loads into any data-parallel size."""
+    """One optimizer state from every rank's ``state_dict``, each entry whole (every span of a parameter
+    joined, in order): it loads into any layout of the same data-parallel stage (expert stacks are
+    joined over the ranks that held them, so the ranks' expert slices must tile the stack)."""
     shards = list(shards)
     if not shards:
         raise ValueError("merge_state_dicts needs at least one shard")
-    merged_state: dict[str, Any] = {}
+    pieces: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
     for shard in shards:
         for name, entry in shard["state"].items():
-            merged_state.setdefault(name, entry)
+            pieces.setdefault(name, {}).setdefault(tuple(entry["span"]), entry)
+    merged_state: dict[str, Any] = {}
+    for name, by_span in pieces.items():
+        spans = sorted(by_span)
+        for (_, hi), (lo, _) in zip(spans, spans[1:]):
+            if hi != lo:
+                raise ValueError(f"optimizer state of {name}: the shards' spans {spans} do not tile a range")
+        first = by_span[spans[0]]
+        entry = {"span": [spans[0][0], spans[-1][1]]}
+        for key, value in first.items():
+            if key == "span":
+                continue
+            if isinstance(value, torch.Tensor):
+                parts = [by_span[s][key].reshape(-1) for s in spans]
+                entry[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            else:
+                entry[key] = value
+        merged_state[name] = entry
     return {"format": STATE_FORMAT, "state": merged_state, "param_groups": shards[0]["param_groups"],
-            "layout": {"world_size": None, "rank": None, "owners": None}}
+            "layout": None}
 
 
-def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig, lr: float, *, distributed: bool | None = None,
-                    process_group: dist.ProcessGroup | None = None,
-                    rank_local: Collection[str] | Callable[[str], bool] | None = None) -> MuonClip:
+def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig, lr: float, *, layout: ParallelLayout | None = None,
+                    distributed: bool | None = None, process_group: dist.ProcessGroup | None = None,
+                    **kwargs: Any) -> MuonClip:
     """The optimizer ``opt_cfg`` names for ``model``: MuonClip (Muon + AdamW, routed by ``split_params``)
-    or, for ``adamw``, AdamW on every parameter (same class, same name-keyed checkpoint state).
-    Under expert parallelism pass ``rank_local=is_local_expert``."""
+    or, for ``adamw``, AdamW on every parameter (same class, same name-keyed checkpoint state), sharded
+    over ``layout`` (``MuonClip``)."""
     muon, adamw = split_params(model, opt_cfg)
-    return MuonClip(muon, adamw, lr, opt_cfg, distributed=distributed, process_group=process_group,
-                    rank_local=rank_local)
+    return MuonClip(muon, adamw, lr, opt_cfg, layout=layout, distributed=distributed, process_group=process_group,
+                    param_order=[n for n, _ in model.named_parameters()], **kwargs)

@@ -1,7 +1,8 @@
 """QK-Clip: the "Clip" of MuonClip (Kimi K2 report; shared/REFERENCE.md section 4).
 
-Called once per optimizer step, AFTER ``optimizer.step()`` (weight decay included), with the per-layer,
-per-head maximum pre-softmax logit S that the step's training forwards recorded (``model.max_logits``):
+Called once per optimizer step, AFTER the update (weight decay included; under ZeRO-1 between
+``MuonClip.update()`` and ``publish()``), with the per-layer, per-head maximum pre-softmax logit S that the
+step's training forwards recorded (``model.max_logits``):
 
 - S is all-reduced with MAX over the data-parallel group, so every replica clips identically.
 - Any non-finite S is rejected (ValueError naming layer and head): it means the logits overflowed, or no
@@ -22,6 +23,7 @@ dtype. Tensor name suffixes: L layers, H heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +57,7 @@ class QKClipStats:
         return metrics
 
 
-def _scale_rows(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
+def scale_weight_rows(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
     """weight[rows] *= factors[:, None] in fp32, written back in the weight's dtype."""
     scaled = weight.index_select(0, rows).float() * factors[:, None]
     weight.index_copy_(0, rows, scaled.to(weight.dtype))
@@ -63,13 +65,19 @@ def _scale_rows(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor)
 
 @torch.no_grad()
 def qk_clip(model: nn.Module, max_logits: torch.Tensor, tau: float,
-            process_group: dist.ProcessGroup | None = None) -> QKClipStats:
+            process_group: dist.ProcessGroup | None = None,
+            scale_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> QKClipStats:
     """Scale the query/key rows of every head whose max logit exceeds ``tau`` (see the module docstring).
 
     ``model``: anything with ``attention_layers()`` returning the MLA modules in layer order
     (``K2ForCausalLM``). ``max_logits``: [layers, heads], usually ``model.max_logits``; it is not modified.
     ``process_group``: reduce over this group; None means WORLD when torch.distributed is initialised.
+    ``scale_rows(weight, rows, factors)``: how to scale rows of a weight; default in place on the weight.
+    Under ZeRO-1 the trainer passes ``MuonClip.scale_rows_``, which scales the fp32 master on the rank that
+    owns the weight before the optimizer publishes it (a clip of the low-precision copy alone would be
+    undone by the next update of the master).
     """
+    scale_rows = scale_rows or scale_weight_rows
     if tau <= 0:
         raise ValueError(f"optimizer.qk_clip_tau={tau!r}: must be > 0")
     attention: list[MultiHeadLatentAttention] = model.attention_layers()
@@ -106,11 +114,11 @@ def qk_clip(model: nn.Module, max_logits: torch.Tensor, tau: float,
         q_base = heads[:, None] * (nope + rope)
         q_rows = torch.cat([(q_base + nope_idx).flatten(), (q_base + rope_idx).flatten()])
         q_factors = torch.cat([sqrt_gamma.repeat_interleave(nope), gamma.repeat_interleave(rope)])
-        _scale_rows(q_weight, q_rows.to(q_weight.device), q_factors.to(q_weight.device))
+        scale_rows(q_weight, q_rows.to(q_weight.device), q_factors.to(q_weight.device))
 
         k_weight = attn.kv_b_proj.weight
         k_rows = (heads[:, None] * (nope + v) + nope_idx).flatten()
-        _scale_rows(k_weight, k_rows.to(k_weight.device),
+        scale_rows(k_weight, k_rows.to(k_weight.device),
                     sqrt_gamma.repeat_interleave(nope).to(k_weight.device))
 
     max_per_layer = S_LH.amax(dim=1)

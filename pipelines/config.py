@@ -34,6 +34,7 @@ from k2model.config import (
 CONFIG_DIR = Path(__file__).parent / "configs"
 BAD_RECORD_POLICIES = ("skip", "fail")
 SCHEDULES = ("wsd", "cosine", "constant")
+PARAM_DTYPES = ("float32", "bfloat16")
 MIN_TOKENIZER_VOCAB = 256 + 3
 """The smallest vocabulary of the byte-level BPE tokenizer: 256 byte symbols and 3 special tokens."""
 
@@ -119,6 +120,10 @@ class TrainConfig:
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Sequences per worker per forward/backward."""
+    param_dtype: str = "float32"
+    """dtype of the parameters the forward and backward use: ``float32``, or ``bfloat16`` (K2's recipe) with
+    fp32 gradient accumulation and an fp32 master copy of each parameter, sharded with the optimizer state
+    (ZeRO-1). Changes the math: a checkpoint resumes only under the same value."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all workers; a multiple of micro_batch_size times the
     data-parallel degree (num_workers / pp), and at least pp micro-batches per worker under a pipeline."""
@@ -172,6 +177,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         need = field_checker("train", self)
+        need(self.param_dtype in PARAM_DTYPES, "param_dtype", f"expected one of {list(PARAM_DTYPES)}")
         for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")

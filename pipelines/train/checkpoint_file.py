@@ -195,10 +195,21 @@ class ShardReader:
             self._skeleton = torch.load(io.BytesIO(self._read(self._base + s_off, s_len)), weights_only=False)
         return self._skeleton
 
-    def tensor(self, key: str, rows: range | None = None) -> torch.Tensor:
-        """Tensor ``key``, or only its rows ``rows`` along the first dimension (one ranged read)."""
+    def tensor(self, key: str, rows: range | None = None, *, elements: range | None = None) -> torch.Tensor:
+        """Tensor ``key``, or only its rows ``rows`` along the first dimension, or only the flat elements
+        ``elements`` (a 1-D tensor); one ranged read."""
         info = self.tensors[key]
         shape = list(info["shape"])
+        if elements is not None:
+            numel = 1
+            for d in shape:
+                numel *= d
+            if elements.step != 1 or not 0 <= elements.start <= elements.stop <= numel:
+                raise ValueError(f"{self.path}: elements {elements} outside {key} of {numel} elements")
+            item = info["nbytes"] // numel if numel else 0
+            self.tensor_bytes_read += len(elements) * item
+            data = self._read(self._base + info["offset"] + elements.start * item, len(elements) * item)
+            return _tensor_from(data, info, [len(elements)])
         if rows is None:
             self.tensor_bytes_read += info["nbytes"]
             return _tensor_from(self._read(self._base + info["offset"], info["nbytes"]), info)

@@ -235,8 +235,9 @@ class ReshardSpec:
 
     num_experts: int
     """Routed experts per MoE layer (the rows of every expert stack, all ranks together)."""
-    keeps_state: Callable[[str], bool]
-    """Whether this rank holds a parameter's optimizer state, by name (``MuonClip.computes_here``)."""
+    state_span: Callable[[str], tuple[int, int] | None]
+    """The flat elements of a parameter (of the whole model) whose optimizer state this rank keeps, by name
+    (``MuonClip.global_span``); None: none."""
     model_names: frozenset[str] | None = None
     """The state-dict names of this rank's model (its pipeline stage's); None: the whole model."""
 
@@ -300,7 +301,7 @@ def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank:
                for k in range(meta["world_size"])]
     try:
         state = load_resharded(readers, meta["ep"], rank, world_size, ep, reshard.num_experts,
-                               reshard.keeps_state, old_pp=meta.get("pp", 1), pp=pp, model_names=reshard.model_names)
+                               reshard.state_span, old_pp=meta.get("pp", 1), pp=pp, model_names=reshard.model_names)
     finally:
         for r in readers:
             r.close()
@@ -319,7 +320,7 @@ def load_checkpoint_model(checkpoint_uri: str, cfg: Any) -> torch.nn.Module:
 
     meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
     fs, path = storage.resolve(checkpoint_uri)
-    state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: False))
+    state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: None))
     model = build_model(cfg.model, seed=cfg.train.seed)
     model.load_state_dict(state["model"], strict=True)
     return model.eval()

@@ -4,12 +4,13 @@
   1. ``forward_backward(trainer, micro_batches)``: pluggable; the default, ``accumulate_gradients``, runs
      forward and ``(loss / accumulation).backward()`` per micro-batch; under a pipeline (``train.pp``)
      ``pipeline_forward_backward`` runs the stage's 1F1B schedule (``k2model.pipeline``);
-  2. gradient sync over the stage's ranks, overlapped with the last backward when not pipelined
-     (replicated params averaged; expert params summed over holders / data-parallel size);
+  2. gradient reduction over the stage's ranks (ZeRO-1, ``k2model.parallel.GradientSync``): each rank
+     receives the averaged gradients of the part it updates, overlapped with the last backward when not
+     pipelined;
   3. the global gradient norm; a non-finite loss or norm on ANY rank skips the step everywhere;
-  4. clipping, the scheduled learning rate, the optimizer step (MuonClip or AdamW);
-  5. post-step work: QK-Clip on the step's max logits (MAX over ranks), the router-bias update from the
-     load summed over ranks.
+  4. clipping, the scheduled learning rate, the owned part of the optimizer step (MuonClip or AdamW);
+  5. QK-Clip on the step's max logits (MAX over ranks), applied to the owned masters; the optimizer
+     publishes the parameters; the router-bias update from the load summed over ranks.
 
 ``Trainer.fit()`` runs steps until ``train.steps`` and calls each callback's ``on_fit_start``,
 ``pre_step``, ``post_step`` and ``on_fit_end`` (``pipelines.train.callbacks``: metrics, validation,
@@ -48,8 +49,8 @@ MATH_SECTIONS = ("model", "optimizer")
 # what and the order of float sums, not the math, so a checkpoint resumes in another layout, resharded
 # (pipelines.train.reshard).
 MATH_KEYS = ("data.seq_len", "data.vocab_size", "train.global_batch_size", "train.seed", "train.lr",
-             "train.schedule", "train.warmup_steps", "train.decay_fraction", "train.min_lr_ratio",
-             "train.grad_clip", "train.steps", "train.shuffle_shards")
+             "train.param_dtype", "train.schedule", "train.warmup_steps", "train.decay_fraction",
+             "train.min_lr_ratio", "train.grad_clip", "train.steps", "train.shuffle_shards")
 
 
 def math_signature(cfg: RunConfig) -> dict[str, Any]:
@@ -159,7 +160,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, batches, val_batches, device: torch.device | None = None, *,
                  layout: ParallelLayout | None = None, forward_backward: ForwardBackward | None = None):
-        from k2model.optim import build_optimizer, is_local_expert
+        from k2model.optim import build_optimizer
 
         self.cfg = cfg
         self.device = device or torch.device("cpu")
@@ -175,11 +176,11 @@ class Trainer:
                        if layout.pp > 1 else None)
         """The decoder layers of each pipeline stage (None without a pipeline)."""
         self.model = parallel.build_parallel_model(
-            cfg.model, cfg.train.seed, layout, stage_layers=self.stages[layout.stage] if self.stages else None
-        ).to(self.device).train()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr, process_group=layout.dp_group,
-                                         rank_local=is_local_expert if layout.ep > 1 else None)
-        self.grad_sync = parallel.GradientSync(self.model, layout)
+            cfg.model, cfg.train.seed, layout, self.device,
+            stage_layers=self.stages[layout.stage] if self.stages else None,
+            param_dtype=getattr(torch, cfg.train.param_dtype)).train()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr, layout=layout)
+        self.grad_sync = parallel.GradientSync(self.model, layout, self.optimizer.plan)
         self.batches = batches
         self.val_batches = val_batches
         self.callbacks: list[Callback] = []
@@ -237,7 +238,7 @@ class Trainer:
         names = frozenset(self.model.state_dict()) if self.layout.pp > 1 else None
         return CheckpointWriter(fs, experiment_path, self.rank, signature=math_signature(self.cfg),
                                 world_size=self.world, ep=self.layout.ep, pp=self.layout.pp, registry=registry,
-                                reshard=ReshardSpec(self.cfg.model.num_experts, self.optimizer.computes_here, names))
+                                reshard=ReshardSpec(self.cfg.model.num_experts, self.optimizer.global_span, names))
 
     # ------------------------------------------------------------------ one step
     def micro_batches(self, step: int) -> Iterator[Batch]:
@@ -251,16 +252,15 @@ class Trainer:
         t = self.cfg.train
         self.model.reset_max_logits()
         self.model.reset_expert_load()
-        for p in self.model.parameters():
-            p.grad = None
+        self.grad_sync.prepare()
         loss_t, lm_loss_t = (torch.as_tensor(v, dtype=torch.float64, device=self.device)
                              for v in self.forward_backward(self, self.micro_batches(self.global_step)))
 
         self.grad_sync.finish()
         if t.grad_clip > 0:
-            grad_norm = parallel.clip_grad_norm_(self.model, self.layout, t.grad_clip)
+            grad_norm = parallel.clip_grad_norm_(self.optimizer, t.grad_clip)
         else:
-            grad_norm = parallel.global_grad_norm(self.model, self.layout)
+            grad_norm = parallel.global_grad_norm(self.optimizer)
         # Every rank's verdict on its loss and the global norm (the step's first host read), then the
         # logged values, read together once everything is computed.
         finite = all_ranks_finite(torch.isfinite(loss_t) & torch.isfinite(grad_norm))
@@ -270,8 +270,6 @@ class Trainer:
         if not finite:
             self.bad_streak += 1
             self.skipped_total += 1
-            for p in self.model.parameters():
-                p.grad = None
             result = StepResult(self.global_step, loss, lm_loss, norm, lr, True,
                                 self.tokens_per_step, time.perf_counter() - t0)
             self.global_step += 1
@@ -279,7 +277,7 @@ class Trainer:
         self.bad_streak = 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.optimizer.update()
         extra = self._post_step()
         result = StepResult(self.global_step, loss, lm_loss, norm, lr, False, self.tokens_per_step,
                             time.perf_counter() - t0, extra)
@@ -287,11 +285,10 @@ class Trainer:
         return result
 
     def _post_step(self) -> dict[str, float]:
-        """QK-Clip and the router-bias update, after the optimizer; returns their statistics."""
+        """QK-Clip on the updated weights (the owned masters, before the optimizer publishes them), the
+        publication of the parameters, and the router-bias update; returns their statistics."""
         cfg, layout = self.cfg, self.layout
         extra: dict[str, float] = {}
-        load = parallel.sum_expert_load(self.model, layout)
-        moe.update_router_bias(self.model.routers(), load, cfg.model.router_bias_update_rate)
         # Each stage clips and updates its own layers over its own ranks; the logged figures are the whole
         # model's (the layers of the other stages are -inf or 0 here, and the pipeline group fills them in).
         stage = self.model.stage_layers
@@ -299,12 +296,15 @@ class Trainer:
         clipped = torch.zeros(1, dtype=torch.float64, device=max_logits.device)
         if cfg.optimizer.uses_qk_clip:
             stats = qk_clip.qk_clip(self.model, self.model.stage_max_logits(), cfg.optimizer.qk_clip_tau,
-                                    process_group=layout.dp_group)
+                                    process_group=layout.dp_group, scale_rows=self.optimizer.scale_rows_)
             max_logits[stage.start:stage.stop] = stats.max_logit_per_head.to(max_logits.device)
             clipped += stats.num_clipped
         else:
             max_logits[stage.start:stage.stop] = all_reduce_(self.model.stage_max_logits().clone(),
                                                              dist.ReduceOp.MAX, layout.dp_group, name="max logits")
+        self.optimizer.publish()
+        load = parallel.sum_expert_load(self.model, layout)
+        moe.update_router_bias(self.model.routers(), load, cfg.model.router_bias_update_rate)
         # [load imbalance, bias max, -bias min] of this stage's MoE layers (-inf without any).
         moe_stats = torch.full((3,), float("-inf"), device=max_logits.device)
         if load.numel():

@@ -217,7 +217,7 @@ def test_forced_routing_really_starves_a_rank(ranks):
         half = E // WORLD
         assert load[starved * half:(starved + 1) * half].sum() == 0
         # The starved rank's experts get no gradient (moe.grouped_linear's empty path links only its own
-        # weight, so gate/up come back None; sync_gradients treats None as zero).
+        # weight, so gate/up come back None; the gradient sync treats None as zero).
         for proj in ("gate_proj", "up_proj", "down_proj"):
             grad = ranks[starved][name]["grads"][f"experts.{proj}"]
             assert grad is None or torch.count_nonzero(grad) == 0

@@ -20,7 +20,7 @@ from k2model.config import OptimizerConfig, preset_config
 from k2model.distributed import ParallelLayout
 from k2model.model import build_model
 from k2model.optim import MuonClip, assign_owners, build_optimizer, merge_state_dicts, split_params
-from k2model.parallel import build_parallel_model, expert_param_names, sync_gradients
+from k2model.parallel import GradientSync, build_parallel_model, expert_param_names
 from k2model.qk_clip import qk_clip
 
 # Defaults to optimizer.ns_dtype=auto: rerun as the other CPU kind by `make test` (tests/conftest.py).
@@ -60,9 +60,12 @@ def _reference(model, opt_cfg):
     return clones, opt
 
 
-def _average_grads(model):
-    for p in model.parameters():
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+def _average_grads(model, local=()):
+    """Every gradient averaged over the ranks (expert shards of ep=WORLD: only divided), in full on every
+    rank: the optimizer must give the single-process result from it, whatever part each rank owns."""
+    for n, p in model.named_parameters():
+        if n not in local:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         p.grad.div_(WORLD)
 
 
@@ -110,8 +113,12 @@ def _data_parallel(rank, out):
     out["dp_momentum_numel"] = opt.momentum_numel()
     out["dp_total_ns_flops"] = ref.last_step_stats["ns_flops"]
     out["dp_total_momentum_numel"] = ref.momentum_numel()
-    owned = {n for n, o in opt.owner_of.items() if o == rank}
+    muon_names = {n for n, _ in split_params(model, opt_cfg)[0]}
+    owned = {n for n in muon_names if opt.plan.owned(n) is not None}
     assert {opt._param_names[p] for p, s in opt.state.items() if "momentum" in s} == owned
+    # Expert stacks are split into runs of experts, one per rank; other matrices have one owner.
+    for n in muon_names:
+        assert (n in opt.plan.expert_runs) == (".mlp.experts." in n), n
 
     # Resume from this rank's shard: steps SPLIT.. again must give the same parameters bit for bit.
     model_state, opt_state, params_at_split = saved
@@ -151,14 +158,15 @@ def _expert_parallel(rank, out):
     model = build_parallel_model(cfg, seed=0, layout=layout)
     local = expert_param_names(model)
     assert local and model.model.layers[1].mlp.experts.num_local_experts == cfg.num_experts // WORLD
-    opt = build_optimizer(model, opt_cfg, LR, rank_local=local)
-    assert all(opt.owner_of[n] is None for n in local)
+    opt = build_optimizer(model, opt_cfg, LR, layout=layout)
+    assert all(opt.plan.owned(n) == (0, dict(model.named_parameters())[n].numel()) for n in local)
     clones, ref = _reference(model, opt_cfg)
+    sync = GradientSync(model, layout, opt.plan)
     for step in range(3):
         x, y = _half_batch(cfg, step, rank)
-        opt.zero_grad()
+        sync.prepare()
         model(x, y).loss.backward()
-        sync_gradients(model, layout)
+        _average_grads(model, set(local))
         for n, p in model.named_parameters():
             clones[n].grad = p.grad.clone()
         opt.step()

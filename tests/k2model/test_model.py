@@ -362,6 +362,45 @@ def test_init_is_deterministic_and_independent_of_construction():
         assert not torch.equal(pa, pc_) or pa.ndim == 1, n
 
 
+def _expected_init(cfg, seed: int, name: str, shape: torch.Size, first_expert: int = 0) -> torch.Tensor:
+    """The recipe of ``init_weights`` written out on its own: ones for 1-D tensors, else N(0, init_std)
+    drawn on the CPU from a generator seeded by sha256 of (seed, name, index), per global expert for
+    stacked experts (index -1 otherwise)."""
+    import hashlib
+
+    def draw(index, sub_shape):
+        digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return torch.randn(sub_shape, generator=gen) * cfg.init_std
+
+    if len(shape) == 1:
+        return torch.ones(shape)
+    if ".mlp.experts." in name:
+        return torch.stack([draw(first_expert + j, shape[1:]) for j in range(shape[0])])
+    return draw(-1, shape)
+
+
+def test_meta_built_model_equals_the_init_recipe_and_holds_only_its_stage():
+    cfg = tiny()
+    whole = build_model(cfg, seed=5)
+    for name, p in whole.named_parameters():
+        assert p.device.type == "cpu" and p.dtype == torch.float32
+        assert torch.equal(p, _expected_init(cfg, 5, name, p.shape)), name
+    assert torch.equal(whole.rope_cos, rope_tables(cfg, cfg.max_seq_len)[0])
+    assert bool((whole.max_logits == float("-inf")).all())
+    # A pipeline stage materialises its own layers only (nothing of the others exists, even on meta).
+    stage = build_model(cfg, seed=5, stage_layers=range(2, 4))
+    names = {n for n, _ in stage.named_parameters()}
+    assert names and all(n.startswith(("model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))
+                         for n in names)
+    for name, p in stage.named_parameters():
+        assert torch.equal(p, dict(whole.named_parameters())[name]), name
+    # bf16 parameters are the fp32 initial values rounded once.
+    half = build_model(cfg, seed=5, param_dtype=torch.bfloat16)
+    for (name, p), q in zip(half.named_parameters(), whole.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q.to(torch.bfloat16)), name
+
+
 def test_hf_names_split_stacked_experts():
     cfg = tiny()
     model = build_model(cfg)

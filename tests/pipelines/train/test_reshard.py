@@ -1,7 +1,8 @@
 """Resuming a checkpoint in another layout, with the trainer itself on gloo ranks: 2 workers with ep=2
 into 1 worker, and 1 worker into 2 workers with ep=2. The loaded state is the old one, re-cut exactly
-(experts re-sliced, Muon momentum moved to its new owner); each rank reads exactly the tensor bytes it
-keeps; training on from it equals an uninterrupted run to float rounding.
+(experts re-sliced, Muon momentum moved to its new owner, AdamW moments re-cut into the new flat
+shards of ZeRO-1); each rank reads exactly the tensor bytes it keeps; training on from it equals an
+uninterrupted run to float rounding.
 
 Each runs with Newton-Schulz in fp32 and in bf16, explicitly: ``optimizer.ns_dtype=auto`` would pick one
 per CPU kind. In fp32 the resumed run agrees with the uninterrupted one within 2e-4 (relative, every
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from k2model.model import is_stacked_expert
+from k2model.optim import merge_state_dicts
 from k2model.testing import run_workers
 from pipelines.config import load_config
 from pipelines.train import checkpoint_file, checkpointing
@@ -86,7 +88,7 @@ def train_and_save(rank: int, world: int, ep: int, steps: int, folder: str | Non
 def resume_and_train(rank: int, world: int, ep: int, folder: str, steps: int, ns_dtype: str
                      ) -> tuple[dict, dict]:
     trainer = _trainer(rank, world, ep, ns_dtype)
-    spec = checkpointing.ReshardSpec(trainer.cfg.model.num_experts, trainer.optimizer.computes_here)
+    spec = checkpointing.ReshardSpec(trainer.cfg.model.num_experts, trainer.optimizer.global_span)
     state = checkpointing.load_rank_state(pafs.LocalFileSystem(), folder, rank, math_signature(trainer.cfg), world, ep,
                                           spec)
     trainer.load_state_dict(state)
@@ -96,11 +98,18 @@ def resume_and_train(rank: int, world: int, ep: int, folder: str, steps: int, ns
     return loaded, checkpointing.snapshot(trainer.state_dict())
 
 
-def _saved_entry(old_states: list[dict], name: str) -> dict:
-    """The saved optimizer entry of a replicated parameter, from whichever old rank has it."""
-    holders = [s["optimizer"]["state"][name] for s in old_states if name in s["optimizer"]["state"]]
-    assert holders, name
-    return holders[0]
+def _assert_entries_are_cut_from(state: dict, whole: dict) -> None:
+    """Every optimizer entry of ``state`` is the part its ``span`` names of the whole-parameter entry in
+    ``whole`` (a ``merge_state_dicts`` result, or a single process's state)."""
+    for name, entry in state.items():
+        lo, hi = entry["span"]
+        full = whole[name]
+        assert full["span"][0] == 0 and set(entry) == set(full), name
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value.reshape(-1), full[key].reshape(-1)[lo:hi]), (name, key)
+            elif key != "span":
+                assert value == full[key], (name, key)
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,21 +166,13 @@ def test_two_workers_ep2_into_one_worker(two_worker_ep2):
             assert torch.equal(tensor, torch.cat([saved[0]["model"][name], saved[1]["model"][name]])), name
         else:
             assert torch.equal(tensor, saved[0]["model"][name]), name
-    # The single worker keeps every optimizer entry: Muon momentum from its old owner, expert momentum
-    # re-joined, AdamW moments and step counts as saved.
-    names = {n for s in saved for n in s["optimizer"]["state"]}
-    assert set(loaded["optimizer"]["state"]) == names
-    for name in names:
-        got = loaded["optimizer"]["state"][name]
-        if is_stacked_expert(name):
-            want = torch.cat([saved[0]["optimizer"]["state"][name]["momentum"],
-                              saved[1]["optimizer"]["state"][name]["momentum"]])
-            assert torch.equal(got["momentum"], want), name
-        else:
-            want = _saved_entry(saved, name)
-            assert got.keys() == want.keys(), name
-            for key, value in want.items():
-                assert (torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value), name
+    # The single worker keeps every optimizer entry whole: Muon momentum from its old owner, expert momentum
+    # and the AdamW moments' flat shards re-joined, step counts as saved.
+    whole = merge_state_dicts([s["optimizer"] for s in saved])["state"]
+    state = loaded["optimizer"]["state"]
+    assert set(state) == set(whole)
+    assert all(e["span"] == whole[n]["span"] for n, e in state.items())
+    _assert_entries_are_cut_from(state, whole)
     # Of the tensors, exactly what the state holds was read.
     assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == tensor_bytes(
         {k: v for k, v in loaded.items() if k != "resharded_from"})
@@ -198,18 +199,15 @@ def test_one_worker_into_two_workers_ep2(one_worker_runs, ns_dtype):
     num_experts = _config(1, 1, ns_dtype).model.num_experts
     half = num_experts // 2
     owned: list[set[str]] = []
+    spans: list[dict[str, list[int]]] = []
     for rank, (loaded, final) in enumerate(results):
         rows = range(rank * half, (rank + 1) * half)
         for name, tensor in loaded["model"].items():
             want = saved["model"][name][rows.start:rows.stop] if is_stacked_expert(name) else saved["model"][name]
             assert torch.equal(tensor, want), name
         state = loaded["optimizer"]["state"]
-        for name, entry in state.items():
-            for key, value in entry.items():
-                want = saved["optimizer"]["state"][name][key]
-                if is_stacked_expert(name):
-                    want = want[rows.start:rows.stop]
-                assert (torch.equal(value, want) if isinstance(value, torch.Tensor) else value == want), name
+        _assert_entries_are_cut_from(state, saved["optimizer"]["state"])
+        spans.append({n: e["span"] for n, e in state.items()})
         owned.append({n for n in state if "momentum" in state[n] and not is_stacked_expert(n)})
         # Each rank read only the tensor bytes it keeps: half the experts, its share of the momenta.
         assert sum(loaded["resharded_from"]["tensor_bytes_read"]) == tensor_bytes(
@@ -219,9 +217,19 @@ def test_one_worker_into_two_workers_ep2(one_worker_runs, ns_dtype):
             if is_stacked_expert(name):
                 want = want[rows.start:rows.stop]
             _assert_close_params({name: tensor}, {name: want}, f"1 worker -> 2 workers ep=2, rank {rank}", ns_dtype)
-    # The replicated Muon matrices' momenta now live on exactly one of the two ranks each.
+    # The replicated Muon matrices' momenta now live on exactly one of the two ranks each; each rank keeps
+    # the AdamW moments of its flat shard, and together the two tile every parameter.
     muon = {n for n, e in saved["optimizer"]["state"].items() if "momentum" in e and not is_stacked_expert(n)}
     assert owned[0] | owned[1] == muon and not owned[0] & owned[1] and owned[0] and owned[1]
+    for name, entry in saved["optimizer"]["state"].items():
+        pieces = sorted(tuple(s[name]) for s in spans if name in s)
+        assert pieces[0][0] == 0 and pieces[-1][1] == entry["span"][1], name
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), (name, pieces)
+    # Flat shards: the AdamW elements split evenly (one bucket here, so up to one element of padding).
+    adamw = [n for n, e in saved["optimizer"]["state"].items() if "exp_avg" in e]
+    shares = [sum(s[n][1] - s[n][0] for n in adamw if n in s) for s in spans]
+    assert sum(shares) == sum(saved["optimizer"]["state"][n]["span"][1] for n in adamw)
+    assert abs(shares[0] - shares[1]) <= 1, shares
 
 
 def test_without_a_reshard_spec_another_layout_is_refused(two_worker_ep2):
