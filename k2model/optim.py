@@ -317,9 +317,9 @@ class MuonClip(torch.optim.Optimizer):
             if p.ndim < 2:
                 raise ValueError(f"Muon parameter {name!r} has shape {tuple(p.shape)}; Muon needs >= 2 dims")
         if layout is not None:
-            dp_group, dp, dp_rank = layout.dp_group, layout.dp_size, layout.dp_rank
-            expert_group, replicas = layout.expert_replica_group, layout.num_expert_replicas
-            replica_rank, self.expert_offset_of = layout.dp_rank // layout.ep, layout.ep_rank
+            dp_group, expert_group = layout.dp_group, layout.expert_replica_group
+            dp, dp_rank, replicas, replica_rank = replica_groups(layout)
+            self.expert_offset_of = layout.ep_rank
         else:
             if distributed is None:
                 distributed = is_distributed(process_group)
@@ -344,15 +344,13 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError("MuonClip got no parameters")
         super().__init__(groups, {})
 
-        muon_names = {n for n, _ in muon_params}
         # The plan walks the parameters in the model's order (the order the backward reverses).
         ordered = muon_params + adamw_params
         if param_order is not None:
             position = {n: i for i, n in enumerate(param_order)}
             ordered.sort(key=lambda pair: position[pair[0]])
-        infos = [ParamInfo(n, tuple(p.shape), n in muon_names, is_local_expert(n)) for n, p in ordered]
-        self.plan = ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
-                              bucket_numel=bucket_numel, ns_steps=cfg.ns_steps)
+        self.plan = _plan_of(ordered, {n for n, _ in muon_params}, (dp, dp_rank, replicas, replica_rank),
+                             bucket_numel, cfg.ns_steps)
         """Which part of each parameter this rank updates (``k2model.zero.ShardPlan``)."""
         self.slice_bytes = MUON_SLICE_BYTES if slice_bytes is None else slice_bytes
         self._param_names = {p: n for n, p in ordered}
@@ -743,6 +741,30 @@ def merge_state_dicts(shards: Iterable[dict[str, Any]]) -> dict[str, Any]:
         merged_state[name] = entry
     return {"format": STATE_FORMAT, "state": merged_state, "param_groups": shards[0]["param_groups"],
             "layout": None}
+
+
+def replica_groups(layout: ParallelLayout) -> tuple[int, int, int, int]:
+    """(data-parallel size of the stage, this rank's index in it, expert replicas, this rank's index among
+    them): the group sizes the optimizer's ``ShardPlan`` is made for."""
+    return layout.dp_size, layout.dp_rank, layout.num_expert_replicas, layout.dp_rank // layout.ep
+
+
+def _plan_of(ordered: NamedParams, muon_names: set[str], groups: tuple[int, int, int, int], bucket_numel: int,
+             ns_steps: int) -> ShardPlan:
+    dp, dp_rank, replicas, replica_rank = groups
+    infos = [ParamInfo(n, tuple(p.shape), n in muon_names, is_local_expert(n)) for n, p in ordered]
+    return ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
+                     bucket_numel=bucket_numel, ns_steps=ns_steps)
+
+
+def shard_plan(model: nn.Module, opt_cfg: OptimizerConfig, layout: ParallelLayout, *,
+               bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> ShardPlan:
+    """The plan ``build_optimizer(model, opt_cfg, lr, layout=layout)`` makes, without an optimizer: the
+    parameters may be on the meta device and ``layout`` without process groups (``k2model.memory``)."""
+    muon, adamw = split_params(model, opt_cfg)
+    kept = {n for n, _ in muon} | {n for n, _ in adamw}
+    ordered = [(n, p) for n, p in model.named_parameters() if n in kept]
+    return _plan_of(ordered, {n for n, _ in muon}, replica_groups(layout), bucket_numel, opt_cfg.ns_steps)
 
 
 def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig, lr: float, *, layout: ParallelLayout | None = None,

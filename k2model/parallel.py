@@ -61,7 +61,7 @@ from k2model.distributed import (
 )
 from k2model.model import K2ForCausalLM, build_model
 from k2model.moe import GroupedExperts
-from k2model.optim import MuonClip
+from k2model.optim import ADAMW_CHUNK_NUMEL, MuonClip
 from k2model.zero import ShardPlan
 
 
@@ -254,7 +254,8 @@ def global_grad_norm(optimizer: MuonClip) -> torch.Tensor:
     device = next(p for group in optimizer.param_groups for p in group["params"]).device
     total_sq = torch.zeros((), dtype=torch.float64, device=device)
     for _, g in optimizer.owned_grads():
-        total_sq += torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        for piece in g.split(ADAMW_CHUNK_NUMEL):  # a float64 copy of one chunk at most
+            total_sq += torch.linalg.vector_norm(piece, dtype=torch.float64).square()
     all_reduce_(total_sq, name="gradient squares")
     return total_sq.sqrt().float()
 

@@ -1,7 +1,8 @@
 """The trainer with its callbacks under plain ``torch.distributed`` (2 gloo processes, ep=2), without Ray:
 metrics and validation reach the sink at the configured steps, checkpoints are registered with a
-``LocalRegistry``, a run stopped after a checkpoint and started again resumes bit for bit, and
-non-finite steps are skipped and recovered from the latest checkpoint. The CPU runs share one pair of
+``LocalRegistry``, a run stopped after a checkpoint and started again resumes bit for bit (with fp32 and
+with bf16 parameters), and non-finite steps are skipped and recovered from the latest checkpoint; one
+process with bf16 parameters tracks fp32 over 50 steps. The CPU runs share one pair of
 processes, one run after another (each a new ``Trainer`` that knows the others only by their files); a
 resume in new processes is tests/pipelines/stages/test_pretrain.py's, under Ray Train.
 
@@ -104,6 +105,9 @@ DETERMINISTIC = ("train.deterministic=true",)
 NAN_STEPS = ("train.nan_injection=1:5:3", "train.max_bad_steps=3")
 
 
+BF16 = ("train.param_dtype=bfloat16", "optimizer.qk_clip_tau=0.005")  # QK-Clip acts from the first step
+
+
 def run_scenarios(rank: int, world: int, base: str) -> dict[str, dict]:
     """Every CPU run of this module, in order, in one pair of processes."""
     return {
@@ -111,6 +115,9 @@ def run_scenarios(rank: int, world: int, base: str) -> dict[str, dict]:
         "stopped": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, 6),
         "resumed": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, None),
         "non_finite": run_rank(rank, world, f"{base}/non-finite", NAN_STEPS, None),
+        "bf16_uninterrupted": run_rank(rank, world, f"{base}/bf16-straight", BF16, None),
+        "bf16_stopped": run_rank(rank, world, f"{base}/bf16-resumed", BF16, 6),
+        "bf16_resumed": run_rank(rank, world, f"{base}/bf16-resumed", BF16, None),
     }
 
 
@@ -153,6 +160,64 @@ def test_a_stopped_run_resumes_bit_for_bit(runs, uninterrupted):
         _assert_same_state(result["state"], uninterrupted[rank]["state"])
     # Steps replayed after the restore are logged again by this process (the MLflow sink drops them).
     assert [s for s, _ in resumed[0]["logged"]] == [6, 8]
+
+
+def test_bf16_parameters_resume_bit_for_bit_with_their_sharded_masters(runs):
+    """bf16 weights, fp32 master copies sharded with the optimizer state (ZeRO-1), QK-Clip acting every
+    step: a stopped run resumes to the very bits of the uninterrupted one, masters included."""
+    straight, resumed = runs["bf16_uninterrupted"], runs["bf16_resumed"]
+    assert all(m["qk_clip/heads_clipped"] > 0 for _, m in straight[0]["logged"])
+    # Clipped on the owners' masters, then published: the replicas are identical.
+    for name, tensor in straight[0]["state"]["model"].items():
+        if ".experts." not in name:
+            assert torch.equal(tensor, straight[1]["state"]["model"][name]), name
+    for rank in range(2):
+        state = straight[rank]["state"]
+        assert state["step"] == STEPS and resumed[rank]["restored_step"] == 4
+        assert all(t.dtype == torch.bfloat16 for n, t in state["model"].items() if not n.endswith("correction_bias"))
+        masters = [e["master"] for e in state["optimizer"]["state"].values() if "master" in e]
+        assert masters and all(m.dtype == torch.float32 for m in masters)
+        _assert_same_state(resumed[rank]["state"], state)
+    # The two ranks split the replicated parameters' masters: each keeps part of them, none all.
+    sizes = [{n: e["span"][1] - e["span"][0] for n, e in r["state"]["optimizer"]["state"].items()
+              if ".experts." not in n} for r in straight]
+    whole = {n: t.numel() for n, t in straight[0]["state"]["model"].items() if n in sizes[0] or n in sizes[1]}
+    assert all(sizes[0].get(n, 0) + sizes[1].get(n, 0) == numel for n, numel in whole.items())
+    assert 0.3 < sum(sizes[0].values()) / sum(whole.values()) < 0.7
+
+
+def _track(param_dtype: str, steps: int) -> list[tuple[float, float]]:
+    cfg = load_config(None, [
+        f"model.vocab_size={VOCAB}", f"data.vocab_size={VOCAB}", f"data.seq_len={SEQ}", "model.max_seq_len=32",
+        "train.micro_batch_size=4", f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={steps}",
+        "train.warmup_steps=5", "train.threads_per_worker=1", "tracking.enabled=false",
+        "optimizer.ns_dtype=float32", f"optimizer.qk_clip_tau={TRACK_TAU}", f"train.param_dtype={param_dtype}"])
+    seed_everything(0)
+    trainer = Trainer(cfg, Batches(4, 1, 0), [])
+    return [(r.loss, r.extra["qk_clip/heads_clipped"]) for r in (trainer.step() for _ in range(steps))]
+
+
+TRACK_TAU = 0.05
+"""Under tau, so that QK-Clip acts from step ~25 of the tracking runs (their max logits reach ~0.06)."""
+
+
+def test_bf16_parameters_track_fp32_over_50_steps():
+    """One process, the same data and seed, fp32 against bf16 parameters (fp32 masters). Stated
+    tolerances: the loss within 5% at every step and within 2% over the last 10; QK-Clip first acts at the
+    same step and clips within 10% as many heads in all (decisions at a near-tie may differ by a head)."""
+    from k2model.testing import torch_threads
+
+    with torch_threads(1):
+        fp32, bf16 = _track("float32", 50), _track("bfloat16", 50)
+    worst = max(abs(a - b) / a for (a, _), (b, _) in zip(fp32, bf16))
+    assert worst < 0.05, worst
+    tail = [sum(loss for loss, _ in run[-10:]) / 10 for run in (fp32, bf16)]
+    assert abs(tail[0] - tail[1]) / tail[0] < 0.02, tail
+    clipped = [[c for _, c in run] for run in (fp32, bf16)]
+    first = [next(i for i, c in enumerate(run) if c) for run in clipped]
+    assert first[0] == first[1] and 10 <= first[0] <= 40, first
+    totals = [sum(run) for run in clipped]
+    assert abs(totals[0] - totals[1]) <= 0.1 * totals[0], totals
 
 
 def test_non_finite_steps_restore_the_latest_checkpoint(runs, uninterrupted):

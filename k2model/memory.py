@@ -1,0 +1,201 @@
+"""Per-rank memory of a training step, from the model config and the parallel layout alone.
+
+For one rank of a layout (its pipeline stage's layers, its slice of the experts, its place in its replica
+groups under ZeRO-1), ``rank_memory`` gives the bytes the rank keeps from step to step and bounds on the
+largest temporaries the optimizer step allocates. It builds the rank's model on the meta device (no
+memory) and asks the optimizer's own ``ShardPlan`` who owns what, so its figures are the code's, not a
+model of it.
+
+States (equal, byte for byte, to the unique storages of a real rank after a step; tests/k2model/
+test_memory.py holds them to that):
+- ``parameters``: every parameter the rank holds, in ``param_dtype``;
+- ``gradients``: fp32 for every one of them (``p.grad``, or ``p.main_grad`` for parameters of another
+  dtype), AdamW buckets of multi-rank replica groups padded to a multiple of the group size;
+- ``optimizer_state``: the fp32 Muon momentum of the matrices (runs of experts) the rank owns, and the
+  fp32 AdamW ``exp_avg`` and ``exp_avg_sq`` of its flat shards;
+- ``master_weights``: an fp32 copy of everything the rank owns, when ``param_dtype`` is not fp32.
+``buffers`` (rotary tables, router biases and loads, max logits) are reported apart.
+
+Transients of the optimizer step (upper bounds; each is freed before the next begins):
+- ``muon_step``: for the worst shape, one slice of fp32 Nesterov inputs (``MUON_SLICE_BYTES`` at most),
+  its Newton-Schulz result, and Newton-Schulz's work buffers and fp32 copy of one sub-stack;
+- ``adamw_step``: three fp32 temporaries of one chunk (``ADAMW_CHUNK_NUMEL``);
+- ``grad_norm``: a float64 copy of one chunk of a gradient;
+- ``publish``: one AdamW bucket in the parameter dtype (the all-gather's target; gloo stages it once
+  more inside the collective, measured, so twice that on a gloo group).
+The gradient reduction runs in place and allocates nothing. Activations are not counted here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from k2model.config import ModelConfig, OptimizerConfig
+from k2model.dispatch import ExpertDispatcher
+from k2model.distributed import ParallelLayout
+from k2model.model import K2ForCausalLM
+from k2model.optim import (
+    ADAMW_CHUNK_NUMEL,
+    MUON_SLICE_BYTES,
+    NS_DTYPES,
+    muon_slice_matrices,
+    ns_chunk_bytes,
+    ns_sub_stack_size,
+    shard_plan,
+)
+from k2model.zero import DEFAULT_BUCKET_NUMEL, ShardPlan
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes of one rank (see the module docstring)."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    master_weights: int
+    buffers: int
+    transients: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def states(self) -> int:
+        """Parameters, gradients, optimizer state and master weights: what stays from step to step."""
+        return self.parameters + self.gradients + self.optimizer_state + self.master_weights
+
+    @property
+    def largest_transient(self) -> int:
+        return max(self.transients.values(), default=0)
+
+    def to_dict(self) -> dict[str, int | dict[str, int]]:
+        return {**asdict(self), "states": self.states, "largest_transient": self.largest_transient}
+
+
+class _SliceOfExperts(ExpertDispatcher):
+    """Which experts a rank holds, for a model built on the meta device: the shape of an expert-parallel
+    dispatcher, without its process group (it never dispatches)."""
+
+    def __init__(self, num_experts: int, ep: int, ep_rank: int):
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep
+        self.local_expert_offset = ep_rank * self.num_local_experts
+
+
+def meta_model(cfg: ModelConfig, layout: ParallelLayout, stage_layers: range | None = None) -> K2ForCausalLM:
+    """This rank's model on the meta device: its slice of the experts, its stage's layers (no memory)."""
+    layout.check_num_experts(cfg.num_experts)
+    dispatchers = ([_SliceOfExperts(cfg.num_experts, layout.ep, layout.ep_rank) for _ in range(cfg.num_moe_layers)]
+                   if layout.ep > 1 else None)
+    with torch.device("meta"):
+        model = K2ForCausalLM(cfg, dispatchers)
+    if stage_layers is not None:
+        model.keep_stage(stage_layers)
+    return model
+
+
+def rank_memory(cfg: ModelConfig, opt_cfg: OptimizerConfig, layout: ParallelLayout, *,
+                stage_layers: range | None = None, param_dtype: torch.dtype = torch.float32,
+                ns_dtype: str = "bfloat16", device_type: str = "cuda", backend: str = "nccl",
+                bucket_numel: int = DEFAULT_BUCKET_NUMEL, slice_bytes: int = MUON_SLICE_BYTES) -> RankMemory:
+    """The memory of rank ``layout.rank`` (``layout`` may be built with ``create_groups=False``) training
+    ``cfg`` with ``opt_cfg``. ``stage_layers``: its pipeline stage's decoder layers (required with
+    ``layout.pp > 1``; ``k2model.pipeline.partition_layers``). ``ns_dtype``: the resolved Newton-Schulz dtype
+    (``bfloat16`` or ``float32``); ``device_type``: where the step runs (it sets Newton-Schulz's sub-stack
+    size); ``backend``: the collectives' (``nccl`` or ``gloo``)."""
+    if (layout.pp > 1) != (stage_layers is not None):
+        raise ValueError(f"{layout!r}: give stage_layers exactly when the layout has a pipeline")
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"ns_dtype={ns_dtype!r}: expected one of {sorted(NS_DTYPES)} (resolved, not 'auto')")
+    model = meta_model(cfg, layout, stage_layers)
+    plan = shard_plan(model, opt_cfg, layout, bucket_numel=bucket_numel)
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend={backend!r}: expected 'nccl' or 'gloo'")
+    return _memory_of(plan, model, param_dtype, NS_DTYPES[ns_dtype], torch.device(device_type), slice_bytes,
+                      staged_gather=backend == "gloo")
+
+
+def _memory_of(plan: ShardPlan, model: K2ForCausalLM, param_dtype: torch.dtype, ns_dtype: torch.dtype,
+               device: torch.device, slice_bytes: int, staged_gather: bool) -> RankMemory:
+    param_bytes = torch.empty((), dtype=param_dtype).element_size()
+    infos = plan.params
+    numel = sum(info.numel for info in infos.values())
+    bucketed = set(plan.bucket_of)
+    gradients = FP32 * (sum(b.padded_numel for b in plan.buckets)
+                        + sum(info.numel for name, info in infos.items() if name not in bucketed))
+    owned = {name: plan.owned(name) for name in infos}
+    owned_numel = {name: 0 if span is None else span[1] - span[0] for name, span in owned.items()}
+    muon = sum(owned_numel[n] for n, info in infos.items() if info.muon)
+    adamw = sum(owned_numel[n] for n, info in infos.items() if not info.muon)
+    master = FP32 * (muon + adamw) if param_dtype != torch.float32 else 0
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    # Transients. Muon: per wide shape, the matrices this rank orthogonalises.
+    matrices: dict[tuple[int, int], int] = {}
+    for name, info in infos.items():
+        if info.muon and owned_numel[name]:
+            rows, cols = info.shape[-2], info.shape[-1]
+            key = (min(rows, cols), max(rows, cols))
+            matrices[key] = matrices.get(key, 0) + owned_numel[name] // (rows * cols)
+    ns_item = ns_dtype.itemsize
+    muon_step = 0
+    for (m, n), count in matrices.items():
+        per_slice = min(count, muon_slice_matrices(count, m, n, ns_dtype, slice_bytes, device))
+        chunk = ns_sub_stack_size(per_slice, m, n, ns_dtype, ns_chunk_bytes(device))
+        stack = per_slice * m * n * (FP32 + ns_item)           # Nesterov inputs and the result
+        work = chunk * (m * n * (ns_item + FP32) + 2 * m * m * ns_item)  # iterate, Gram buffers, fp32 copy
+        muon_step = max(muon_step, stack + work)
+    largest_adamw = max((owned_numel[n] for n, info in infos.items() if not info.muon), default=0)
+    largest_owned = max(owned_numel.values(), default=0)
+    transients = {
+        "muon_step": muon_step,
+        "adamw_step": 3 * FP32 * min(largest_adamw, ADAMW_CHUNK_NUMEL),
+        "grad_norm": 8 * min(largest_owned, ADAMW_CHUNK_NUMEL),
+        "publish": max((b.padded_numel for b in plan.buckets), default=0) * param_bytes * (1 + staged_gather),
+    }
+    return RankMemory(parameters=numel * param_bytes, gradients=gradients, optimizer_state=FP32 * (muon + 2 * adamw),
+                      master_weights=master, buffers=buffers, transients=transients)
+
+
+def measure_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, int]:
+    """``fn()`` and the most bytes it had allocated at once beyond what was allocated when it began: from
+    the caching allocator's statistics on a CUDA device, from the profiler's record of every allocation and
+    free on a CPU (the allocator's own events, not process memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    # An op's own allocations and frees are on its event, net ("self": its children's are theirs): a net
+    # allocation is counted from the op's start, a net free (a child's temporary the op released) at its
+    # end. Frees outside any op (a tensor released by Python) are "[memory]" events. In time order, the
+    # running sum is what fn holds. Inside a ``record_function`` range (``Optimizer.step`` opens one) frees
+    # are folded into the range's event instead, which loses their time: refused.
+    changes = []
+    for event in prof.events():
+        change = event.self_cpu_memory_usage
+        if event.name == "[memory]":
+            changes.append((event.time_range.start, event.cpu_memory_usage))
+        elif change > 0:
+            changes.append((event.time_range.start, change))
+        elif change < 0 and "::" in event.name:  # an operator (aten::, c10d::)
+            changes.append((event.time_range.end, change))
+        elif change < -1024:
+            raise ValueError(f"measure_peak_bytes: {event.name!r} is a profiler range that frees memory inside "
+                             "it, so the times of its frees are lost; measure what it calls instead")
+    live = peak = 0
+    for _, change in sorted(changes):
+        live += change
+        peak = max(peak, live)
+    return result, peak
