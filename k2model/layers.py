@@ -161,6 +161,20 @@ def _causal_max_logit(q: torch.Tensor, k: torch.Tensor, scale: float, block_size
     return result_H * scale
 
 
+def attention(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTv: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention through ``scaled_dot_product_attention``. MLA's values are narrower than its
+    queries and keys (``v_head_dim`` < ``qk_nope + qk_rope``), which the flash kernels (CUDA's and the CPU
+    one) refuse, so torch would fall back to the math kernel and keep every [T, T] probability matrix for
+    the backward. The values are zero-padded to the query width instead, and the output cut back: the same
+    result (the padding's output columns are zero), with the flash kernels' O(T) saved state (q, k, v, the
+    output and the log-sum-exp per row)."""
+    width = v_BHTv.shape[-1]
+    if width != q_BHTd.shape[-1]:
+        v_BHTv = F.pad(v_BHTv, (0, q_BHTd.shape[-1] - width))
+    out = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTv, is_causal=True, scale=scale)
+    return out[..., :width]
+
+
 class MultiHeadLatentAttention(nn.Module):
     """Causal MLA with decoupled RoPE. See the module docstring for the projection and row layouts."""
 
@@ -211,6 +225,6 @@ class MultiHeadLatentAttention(nn.Module):
         max_logit_H = None
         if record_max_logit:
             max_logit_H = causal_max_logit_per_head(q.detach(), k.detach(), self.scale, self.cfg.attn_block_size)
-        out_BHTd = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out_BHTd = attention(q, k, v, self.scale)
         out = out_BHTd.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), max_logit_H

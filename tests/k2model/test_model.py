@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from k2model.config import count_parameters, preset_config
-from k2model.layers import apply_rope, causal_max_logit_per_head, rope_tables
+from k2model.layers import MultiHeadLatentAttention, apply_rope, attention, causal_max_logit_per_head, rope_tables
 from k2model.model import K2ForCausalLM, build_model, hf_expert_names, to_hf_state_dict
 from k2model.moe import MoE, _padded_linear, grouped_linear, update_router_bias
 
@@ -59,6 +59,39 @@ def test_mla_matches_materialised_reference(q_lora_rank):
     out, _ = attn(x, cos, sin)
     ref = mla_reference(attn, x, cfg)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_attention_keeps_o_of_t_state_for_the_backward():
+    """MLA's values are narrower than its queries (the flash kernels refuse that): padded, the flash kernel
+    runs, so the state kept per token does not grow with the sequence (no [T, T] probabilities), and the
+    output equals unpadded attention."""
+    cfg = tiny()
+    assert cfg.v_head_dim < cfg.qk_head_dim
+    attn = MultiHeadLatentAttention(cfg)
+    cos, sin = rope_tables(cfg, 128)
+    saved = []
+    for T in (32, 64, 128):
+        x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
+        saved.append(_saved_bytes(lambda x=x, T=T: attn(x, cos[:T], sin[:T])))
+    # Linear in T (the weights and rotary tables are a constant part): no T x T term.
+    assert saved[2] - saved[1] == 2 * (saved[1] - saved[0]), saved
+    q, k = torch.randn(2, 4, 32, 48), torch.randn(2, 4, 32, 48)
+    v = torch.randn(2, 4, 32, 32)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125)
+    torch.testing.assert_close(attention(q, k, v, 0.125), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_rope_is_a_rotation_of_interleaved_pairs():
