@@ -34,14 +34,56 @@ from torch import nn
 
 from k2model.config import ModelConfig, RopeScaling
 
+# ---------------------------------------------------------------------- recomputation
+RECOMPUTE_MODES = ("none", "selective", "full")
+"""What the backward recomputes instead of keeping (``K2ForCausalLM.set_recompute``): nothing; the cheap,
+memory-heavy pieces (every RMSNorm, the SwiGLU activation with its down projection in the dense FFN, the
+shared and the routed experts, and the MoE's fp32 gating sum); or each whole decoder layer from its input."""
+
+_recomputing = 0
+
+
+class _Recomputing:
+    """Context of a checkpoint's recomputation in the backward: statistics are not recorded again."""
+
+    def __enter__(self) -> None:
+        global _recomputing
+        _recomputing += 1
+
+    def __exit__(self, *exc) -> None:
+        global _recomputing
+        _recomputing -= 1
+
+
+def recomputing() -> bool:
+    """Whether the code runs as a checkpoint's recomputation (the forward already recorded the step's max
+    logits and expert loads; they must not be recorded twice)."""
+    return _recomputing > 0
+
+
+def checkpointed(fn, *args):
+    """``fn(*args)``, keeping only ``args`` for the backward and running ``fn`` again there
+    (``torch.utils.checkpoint``, non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _Recomputing()))
+
 
 class RMSNorm(nn.Module):
+    recompute = "none"
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpointed(self._normalise, x)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 so bf16 activations do not lose the small-variance directions.
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -57,8 +99,16 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
+    recompute = "none"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpointed(self._activate_down, gate, up)
+        return self._activate_down(gate, up)
+
+    def _activate_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------- rotary embeddings
@@ -223,7 +273,7 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x_BTD.shape
         q, k, v = self.query_key_value(x_BTD, cos, sin)
         max_logit_H = None
-        if record_max_logit:
+        if record_max_logit and not recomputing():
             max_logit_H = causal_max_logit_per_head(q.detach(), k.detach(), self.scale, self.cfg.attn_block_size)
         out_BHTd = attention(q, k, v, self.scale)
         out = out_BHTd.transpose(1, 2).reshape(B, T, -1)

@@ -30,8 +30,8 @@ from torch import nn
 
 from k2model.config import ModelConfig
 from k2model.dispatch import ExpertDispatcher
-from k2model.layers import MultiHeadLatentAttention, RMSNorm, SwiGLU, rope_tables
-from k2model.moe import MoE, Router
+from k2model.layers import RECOMPUTE_MODES, MultiHeadLatentAttention, RMSNorm, SwiGLU, checkpointed, rope_tables
+from k2model.moe import GroupedExperts, MoE, Router
 
 
 class DecoderLayer(nn.Module):
@@ -112,6 +112,8 @@ class K2ForCausalLM(nn.Module):
         """Record max logits: None follows ``self.training``."""
         self.stage_layers = range(cfg.num_layers)
         """The decoder layers this model holds: all of them, or one pipeline stage's (``keep_stage``)."""
+        self.recompute = "none"
+        """What the backward recomputes (``set_recompute``)."""
         self.aux_loss_scale = 1.0
         """``stage_forward``'s factor on the balance loss it backpropagates (1 / micro-batches a step)."""
         self.stage_aux_loss = torch.zeros((), dtype=torch.float64)
@@ -159,11 +161,27 @@ class K2ForCausalLM(nn.Module):
             x = attach_loss(x, aux_sum * self.aux_loss_scale)
         return x
 
+    def set_recompute(self, mode: str) -> None:
+        """What the backward recomputes (``k2model.layers.RECOMPUTE_MODES``): ``none``; ``selective``, the
+        norms, SwiGLU activations with their down projections, and the MoE gating sum; ``full``, every
+        decoder layer from its input. The gradients are the same."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={mode!r}: expected one of {list(RECOMPUTE_MODES)}")
+        self.recompute = mode
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SwiGLU, GroupedExperts, MoE)):
+                module.recompute = mode
+
     def _layers(self, x_BTD: torch.Tensor, T: int) -> torch.Tensor:
         record = self.training if self.record_max_logits is None else self.record_max_logits
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        whole_layers = self.recompute == "full" and torch.is_grad_enabled()
         for i in self.stage_layers:
-            x_BTD, max_logit_H = self.model.layers[i](x_BTD, cos, sin, record)
+            layer = self.model.layers[i]
+            if whole_layers:
+                x_BTD, max_logit_H = checkpointed(layer, x_BTD, cos, sin, record)
+            else:
+                x_BTD, max_logit_H = layer(x_BTD, cos, sin, record)
             if max_logit_H is not None:
                 self.max_logits[i] = torch.maximum(self.max_logits[i], max_logit_H)
         return x_BTD

@@ -26,7 +26,7 @@ from torch import nn
 
 from k2model.config import ModelConfig
 from k2model.dispatch import ExpertDispatcher, LocalDispatcher
-from k2model.layers import SwiGLU
+from k2model.layers import SwiGLU, checkpointed, recomputing
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -98,10 +98,18 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.gate_proj.shape[0]
 
+    recompute = "none"
+
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h = F.silu(grouped_linear(x_MD, self.gate_proj, tokens_per_expert_E))
-        h = h * grouped_linear(x_MD, self.up_proj, tokens_per_expert_E)
-        return grouped_linear(h, self.down_proj, tokens_per_expert_E)
+        gate = grouped_linear(x_MD, self.gate_proj, tokens_per_expert_E)
+        up = grouped_linear(x_MD, self.up_proj, tokens_per_expert_E)
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpointed(self._activate_down, gate, up, tokens_per_expert_E)
+        return self._activate_down(gate, up, tokens_per_expert_E)
+
+    def _activate_down(self, gate_MF: torch.Tensor, up_MF: torch.Tensor, tokens_per_expert_E: torch.Tensor
+                       ) -> torch.Tensor:
+        return grouped_linear(F.silu(gate_MF) * up_MF, self.down_proj, tokens_per_expert_E)
 
     def forward_reference(self, x_ND: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert applied to rows: the slow per-expert path, kept for tests."""
@@ -161,8 +169,16 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, 
     return alpha * (f_BE * p_BE).sum(-1).mean()
 
 
+def _gating_sum(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weight_k * y_k in fp32 (an fp32 copy of every expert output is kept for its backward, which
+    selective recomputation avoids), returned in ``dtype``."""
+    return (y_NKD.float() * weights_NK.unsqueeze(-1)).sum(1).to(dtype)
+
+
 class MoE(nn.Module):
     """shared_experts(x) + sum_k weight_k * expert_k(x)."""
+
+    recompute = "none"
 
     def __init__(self, cfg: ModelConfig, dispatcher: ExpertDispatcher | None = None):
         super().__init__()
@@ -186,8 +202,9 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         topk_ids_NK, weights_NK, scores_NE = self.gate(x_ND)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(topk_ids_NK.reshape(-1), minlength=self.cfg.num_experts)
+        if not recomputing():  # a checkpoint's recomputation in the backward routes the same tokens again
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(topk_ids_NK.reshape(-1), minlength=self.cfg.num_experts)
         if self.training and self.cfg.seq_aux_loss_alpha > 0:
             self.aux_loss = sequence_balance_loss(scores_NE.view(B, T, -1), topk_ids_NK.view(B, T, -1),
                                                   self.cfg.seq_aux_loss_alpha)
@@ -203,7 +220,10 @@ class MoE(nn.Module):
         x_MD, tokens_per_local_expert, handle = self.dispatcher.dispatch(x_experts_ND, topk_ids_NK)
         y_MD = self.experts(x_MD, tokens_per_local_expert)
         y_NKD = self.dispatcher.combine(y_MD, handle)
-        out_ND = (y_NKD.float() * weights_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # the gating sum in fp32
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            out_ND = checkpointed(_gating_sum, y_NKD, weights_NK, x_ND.dtype)
+        else:
+            out_ND = _gating_sum(y_NKD, weights_NK, x_ND.dtype)
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         return out_ND.view(B, T, D)

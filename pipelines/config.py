@@ -30,6 +30,7 @@ from k2model.config import (
     field_checker,
     preset_config,
 )
+from k2model.layers import RECOMPUTE_MODES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BAD_RECORD_POLICIES = ("skip", "fail")
@@ -120,6 +121,10 @@ class TrainConfig:
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Sequences per worker per forward/backward."""
+    recompute: str = "none"
+    """What the backward recomputes instead of keeping: ``none``; ``selective`` (norms, SwiGLU activations with
+    their down projections, the MoE gating sum: little compute, much memory); ``full`` (each decoder layer
+    from its input: about one more forward). The gradients are the same."""
     param_dtype: str = "float32"
     """dtype of the parameters the forward and backward use: ``float32``, or ``bfloat16`` (K2's recipe) with
     fp32 gradient accumulation and an fp32 master copy of each parameter, sharded with the optimizer state
@@ -178,6 +183,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         need = field_checker("train", self)
         need(self.param_dtype in PARAM_DTYPES, "param_dtype", f"expected one of {list(PARAM_DTYPES)}")
+        need(self.recompute in RECOMPUTE_MODES, "recompute", f"expected one of {list(RECOMPUTE_MODES)}")
         for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")

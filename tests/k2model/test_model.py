@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from k2model.config import count_parameters, preset_config
-from k2model.layers import MultiHeadLatentAttention, apply_rope, attention, causal_max_logit_per_head, rope_tables
+from k2model.layers import (
+    RECOMPUTE_MODES,
+    MultiHeadLatentAttention,
+    apply_rope,
+    attention,
+    causal_max_logit_per_head,
+    rope_tables,
+)
 from k2model.model import K2ForCausalLM, build_model, hf_expert_names, to_hf_state_dict
 from k2model.moe import MoE, _padded_linear, grouped_linear, update_router_bias
 
@@ -92,6 +99,32 @@ def test_attention_keeps_o_of_t_state_for_the_backward():
     v = torch.randn(2, 4, 32, 32)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125)
     torch.testing.assert_close(attention(q, k, v, 0.125), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputation_gives_the_same_gradients_and_statistics_for_less_kept_state():
+    """none, selective and full recomputation: the same loss, gradients, max logits and expert loads, bit
+    for bit (the recomputed forwards record nothing twice), with less state kept for the backward."""
+    cfg = tiny()
+    x, y = torch.randint(0, cfg.vocab_size, (2, 48)), torch.randint(0, cfg.vocab_size, (2, 48))
+    results = {}
+    for mode in RECOMPUTE_MODES:
+        model = build_model(cfg, seed=2).train()
+        model.set_recompute(mode)
+        saved = _saved_bytes(lambda m=model, k=mode: results.setdefault(k, {}).update(loss=m(x, y).loss))
+        results[mode]["loss"].backward()
+        results[mode].update(saved=saved, grads={n: p.grad for n, p in model.named_parameters()},
+                             max_logits=model.max_logits.clone(), load=model.expert_load().clone())
+    base = results["none"]
+    for mode in ("selective", "full"):
+        r = results[mode]
+        assert torch.equal(r["loss"], base["loss"]) and torch.equal(r["max_logits"], base["max_logits"]), mode
+        assert torch.equal(r["load"], base["load"]), mode
+        for name, grad in base["grads"].items():
+            assert torch.equal(r["grads"][name], grad), (mode, name)
+    assert results["full"]["saved"] < results["selective"]["saved"] < base["saved"], {
+        m: r["saved"] for m, r in results.items()}
+    with pytest.raises(ValueError, match="recompute='some'"):
+        build_model(cfg).set_recompute("some")
 
 
 def test_rope_is_a_rotation_of_interleaved_pairs():

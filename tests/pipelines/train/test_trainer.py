@@ -115,6 +115,8 @@ def run_scenarios(rank: int, world: int, base: str) -> dict[str, dict]:
         "stopped": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, 6),
         "resumed": run_rank(rank, world, f"{base}/resumed", DETERMINISTIC, None),
         "non_finite": run_rank(rank, world, f"{base}/non-finite", NAN_STEPS, None),
+        "recompute_full": run_rank(rank, world, f"{base}/full", ("train.recompute=full",), None),
+        "recompute_selective": run_rank(rank, world, f"{base}/selective", ("train.recompute=selective",), None),
         "bf16_uninterrupted": run_rank(rank, world, f"{base}/bf16-straight", BF16, None),
         "bf16_stopped": run_rank(rank, world, f"{base}/bf16-resumed", BF16, 6),
         "bf16_resumed": run_rank(rank, world, f"{base}/bf16-resumed", BF16, None),
@@ -160,6 +162,17 @@ def test_a_stopped_run_resumes_bit_for_bit(runs, uninterrupted):
         _assert_same_state(result["state"], uninterrupted[rank]["state"])
     # Steps replayed after the restore are logged again by this process (the MLflow sink drops them).
     assert [s for s, _ in resumed[0]["logged"]] == [6, 8]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputation_trains_the_same_run(runs, uninterrupted, mode):
+    """2 ranks with ep=2 (the expert all-to-all recomputed too under ``full``): the same state, bit for bit,
+    and the same logged metrics (max logits and expert loads recorded once)."""
+    for rank, result in enumerate(runs[f"recompute_{mode}"]):
+        _assert_same_state(result["state"], uninterrupted[rank]["state"])
+        untimed = [[(step, {k: v for k, v in m.items() if "per_s" not in k and "mfu" not in k})
+                    for step, m in r["logged"]] for r in (result, uninterrupted[rank])]
+        assert untimed[0] == untimed[1]
 
 
 def test_bf16_parameters_resume_bit_for_bit_with_their_sharded_masters(runs):
