@@ -3,8 +3,8 @@
 For one rank of a layout (its pipeline stage's layers, its slice of the experts, its place in its replica
 groups under ZeRO-1), ``rank_memory`` gives the bytes the rank keeps from step to step and bounds on the
 largest temporaries the optimizer step allocates. It builds the rank's model on the meta device (no
-memory) and asks the optimizer's own ``ShardPlan`` who owns what, so its figures are the code's, not a
-model of it.
+memory; ``stage_params``) and asks the optimizer's own ``ShardPlan`` who owns what, so its figures are the
+code's, not a model of it.
 
 States (equal, byte for byte, to the unique storages of a real rank after a step; tests/k2model/
 test_memory.py holds them to that):
@@ -38,16 +38,19 @@ from k2model.config import ModelConfig, OptimizerConfig
 from k2model.dispatch import ExpertDispatcher
 from k2model.distributed import ParallelLayout
 from k2model.model import K2ForCausalLM
+from k2model.moe import Router
 from k2model.optim import (
     ADAMW_CHUNK_NUMEL,
     MUON_SLICE_BYTES,
     NS_DTYPES,
+    is_local_expert,
     muon_slice_matrices,
     ns_chunk_bytes,
     ns_sub_stack_size,
-    shard_plan,
+    on_muon,
+    replica_groups,
 )
-from k2model.zero import DEFAULT_BUCKET_NUMEL, ShardPlan
+from k2model.zero import DEFAULT_BUCKET_NUMEL, ParamInfo, ShardPlan
 
 FP32 = 4
 
@@ -86,6 +89,43 @@ class _SliceOfExperts(ExpertDispatcher):
         self.local_expert_offset = ep_rank * self.num_local_experts
 
 
+def stage_params(cfg: ModelConfig, opt_cfg: OptimizerConfig, ep: int, stage_layers: range | None = None
+                 ) -> tuple[list[ParamInfo], int]:
+    """The parameters of one rank's stage, in the model's order, as the optimizer's plan sees them, and the
+    bytes of its buffers; from a model of one dense and one MoE layer built on the meta device, whose
+    layers stand for all the others of their kind (the same names but for the layer index), so even a
+    61-layer model costs two layers' construction."""
+    layers = stage_layers if stage_layers is not None else range(cfg.num_layers)
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+    template_cfg = cfg.replace(num_layers=min(cfg.num_layers, cfg.first_k_dense + 1))
+    model = meta_model(template_cfg, ParallelLayout(ep, 0, ep, create_groups=False))
+    routers = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Router)}
+    template: dict[bool, list[tuple[str, torch.Tensor, bool]]] = {False: [], True: []}
+    first_of_kind = {template_cfg.is_moe_layer(i): i for i in reversed(range(template_cfg.num_layers))}
+    head, embedding = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            moe = template_cfg.is_moe_layer(int(index))
+            if first_of_kind[moe] == int(index):
+                template[moe].append((rest, p, name in routers))
+        elif name.startswith("model.embed_tokens."):
+            embedding.append((name, p, False))
+        else:
+            head.append((name, p, False))
+    named = [] if layers.start > 0 else list(embedding)
+    for i in layers:
+        named += [(f"model.layers.{i}.{rest}", p, router) for rest, p, router in template[kinds[i]]]
+    if layers.stop == cfg.num_layers:
+        named += head
+    infos = [ParamInfo(name, tuple(p.shape), on_muon(name, p.ndim, router, opt_cfg), is_local_expert(name))
+             for name, p, router in named]
+    num_moe = sum(kinds[i] for i in layers)
+    buffers = FP32 * (cfg.num_layers * cfg.num_heads + cfg.max_seq_len * cfg.qk_rope_head_dim
+                      + 2 * cfg.num_experts * num_moe)
+    return infos, buffers
+
+
 def meta_model(cfg: ModelConfig, layout: ParallelLayout, stage_layers: range | None = None) -> K2ForCausalLM:
     """This rank's model on the meta device: its slice of the experts, its stage's layers (no memory)."""
     layout.check_num_experts(cfg.num_experts)
@@ -111,16 +151,21 @@ def rank_memory(cfg: ModelConfig, opt_cfg: OptimizerConfig, layout: ParallelLayo
         raise ValueError(f"{layout!r}: give stage_layers exactly when the layout has a pipeline")
     if ns_dtype not in NS_DTYPES:
         raise ValueError(f"ns_dtype={ns_dtype!r}: expected one of {sorted(NS_DTYPES)} (resolved, not 'auto')")
-    model = meta_model(cfg, layout, stage_layers)
-    plan = shard_plan(model, opt_cfg, layout, bucket_numel=bucket_numel)
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend={backend!r}: expected 'nccl' or 'gloo'")
-    return _memory_of(plan, model, param_dtype, NS_DTYPES[ns_dtype], torch.device(device_type), slice_bytes,
-                      staged_gather=backend == "gloo")
+    layout.check_num_experts(cfg.num_experts)
+    infos, buffers = stage_params(cfg, opt_cfg, layout.ep, stage_layers)
+    dp, dp_rank, replicas, replica_rank = replica_groups(layout)
+    plan = ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
+                     bucket_numel=bucket_numel, ns_steps=opt_cfg.ns_steps)
+    return memory_of_plan(plan, buffers, param_dtype, NS_DTYPES[ns_dtype], torch.device(device_type), slice_bytes,
+                          staged_gather=backend == "gloo")
 
 
-def _memory_of(plan: ShardPlan, model: K2ForCausalLM, param_dtype: torch.dtype, ns_dtype: torch.dtype,
-               device: torch.device, slice_bytes: int, staged_gather: bool) -> RankMemory:
+def memory_of_plan(plan: ShardPlan, buffers: int, param_dtype: torch.dtype, ns_dtype: torch.dtype,
+                   device: torch.device, slice_bytes: int = MUON_SLICE_BYTES, staged_gather: bool = False
+                   ) -> RankMemory:
+    """``rank_memory`` of the rank ``plan`` was made for (its parameters and buffer bytes given)."""
     param_bytes = torch.empty((), dtype=param_dtype).element_size()
     infos = plan.params
     numel = sum(info.numel for info in infos.values())
@@ -132,7 +177,6 @@ def _memory_of(plan: ShardPlan, model: K2ForCausalLM, param_dtype: torch.dtype, 
     muon = sum(owned_numel[n] for n, info in infos.items() if info.muon)
     adamw = sum(owned_numel[n] for n, info in infos.items() if not info.muon)
     master = FP32 * (muon + adamw) if param_dtype != torch.float32 else 0
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
 
     # Transients. Muon: per wide shape, the matrices this rank orthogonalises.
     matrices: dict[tuple[int, int], int] = {}

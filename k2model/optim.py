@@ -258,11 +258,14 @@ def split_params(model: nn.Module, opt_cfg: OptimizerConfig) -> tuple[list[tuple
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        on_muon = (opt_cfg.name == "muonclip" and p.ndim >= 2
-                   and not any(s in name for s in opt_cfg.muon_exclude)
-                   and (opt_cfg.router_on_muon or name not in router_names))
-        (muon if on_muon else adamw).append((name, p))
+        (muon if on_muon(name, p.ndim, name in router_names, opt_cfg) else adamw).append((name, p))
     return muon, adamw
+
+
+def on_muon(name: str, ndim: int, is_router: bool, opt_cfg: OptimizerConfig) -> bool:
+    """Whether ``split_params`` gives parameter ``name`` (of ``ndim`` dims; a router matrix or not) to Muon."""
+    return (opt_cfg.name == "muonclip" and ndim >= 2 and not any(s in name for s in opt_cfg.muon_exclude)
+            and (opt_cfg.router_on_muon or not is_router))
 
 
 def assign_owners(costs: dict[str, float], world_size: int) -> dict[str, int]:

@@ -134,6 +134,23 @@ def test_two_workers_hold_what_the_memory_module_says_in_every_layout():
     assert 0.45 < half < 0.55, half
 
 
+@pytest.mark.parametrize("preset,ep,stage", [("tiny", 1, None), ("tiny", 2, range(2, 4)), ("k2-1t", 16, range(0, 4)),
+                                             ("k2-1t", 16, range(57, 61)), ("deepseek-v3", 8, range(1, 5))])
+def test_stage_params_are_the_meta_models(preset, ep, stage):
+    """The two-layer template stands for every layer: the stage's names, shapes and Muon routing equal those
+    of the whole model built on the meta device and cut to the stage (the optimizer's own split)."""
+    from k2model.memory import meta_model, stage_params
+    from k2model.optim import split_params
+
+    cfg, opt_cfg = preset_config(preset), OptimizerConfig(muon_exclude=("embed_tokens", "lm_head", "o_proj"))
+    infos, buffers = stage_params(cfg, opt_cfg, ep, stage)
+    model = meta_model(cfg, ParallelLayout(ep * 2, 0, ep, create_groups=False), stage)
+    muon = {n for n, _ in split_params(model, opt_cfg)[0]}
+    assert [(i.name, i.shape, i.muon) for i in infos] == [(n, tuple(p.shape), n in muon)
+                                                           for n, p in model.named_parameters()]
+    assert buffers == sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def test_sliced_muon_step_is_bit_equal_and_allocates_a_slice():
     """Every matrix of ``tiny`` through Newton-Schulz in slices of 64 KiB: the same parameters and momenta
     as one slice per shape, for a fraction of the temporary memory."""
