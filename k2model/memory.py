@@ -45,6 +45,7 @@ from k2model.optim import (
     NS_DTYPES,
     is_local_expert,
     muon_slice_matrices,
+    newton_schulz_flops,
     ns_chunk_bytes,
     ns_sub_stack_size,
     on_muon,
@@ -65,6 +66,12 @@ class RankMemory:
     master_weights: int
     buffers: int
     transients: dict[str, int] = field(default_factory=dict)
+    newton_schulz_flops: int = 0
+    """Newton-Schulz FLOPs of one step of the matrices the rank owns."""
+    offload_staging: int = 0
+    """With the optimizer state in host memory (``train.offload_optimizer``), the most the step copies to
+    the device at once: one parameter's owned momentum and master, or an AdamW chunk's moments and
+    master. A temporary of the optimizer step, counted only under offload."""
 
     @property
     def states(self) -> int:
@@ -158,51 +165,114 @@ def rank_memory(cfg: ModelConfig, opt_cfg: OptimizerConfig, layout: ParallelLayo
     dp, dp_rank, replicas, replica_rank = replica_groups(layout)
     plan = ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
                      bucket_numel=bucket_numel, ns_steps=opt_cfg.ns_steps)
-    return memory_of_plan(plan, buffers, param_dtype, NS_DTYPES[ns_dtype], torch.device(device_type), slice_bytes,
-                          staged_gather=backend == "gloo")
+    return memory_by_rank(plan, buffers, param_dtype, NS_DTYPES[ns_dtype], torch.device(device_type), slice_bytes,
+                          staged_gather=backend == "gloo", ns_steps=opt_cfg.ns_steps)[plan.dp_rank]
+
+
+@dataclass
+class _Owned:
+    """What one rank owns, summed: the inputs of its optimizer state, masters and step temporaries."""
+
+    muon: int = 0
+    adamw: int = 0
+    matrices: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Muon matrices by wide shape (rows <= cols)."""
+    largest_adamw: int = 0
+    largest_muon: int = 0
+    largest: int = 0
+    ns_flops: int = 0
+
+    def add(self, info: ParamInfo, numel: int, ns_steps: int) -> None:
+        if numel <= 0:
+            return
+        self.largest = max(self.largest, numel)
+        if info.muon:
+            self.muon += numel
+            self.largest_muon = max(self.largest_muon, numel)
+            rows, cols = info.shape[-2], info.shape[-1]
+            key = (min(rows, cols), max(rows, cols))
+            self.matrices[key] = self.matrices.get(key, 0) + numel // (rows * cols)
+            self.ns_flops += numel // (rows * cols) * newton_schulz_flops(rows, cols, ns_steps)
+        else:
+            self.adamw += numel
+            self.largest_adamw = max(self.largest_adamw, numel)
+
+
+def owned_by_rank(plan: ShardPlan, ns_steps: int = 5) -> list[_Owned]:
+    """What every rank of ``plan``'s groups owns, indexed by data-parallel rank (the expert replica index of
+    rank r being r // ep): one pass over the plan's owners, runs and buckets, not one plan per rank."""
+    dp, replicas = plan.dp, plan.replicas
+    ep = dp // replicas
+    owned = [_Owned() for _ in range(dp)]
+    whole = _Owned()  # what every rank owns entirely (replica groups of one rank)
+    for name, info in plan.params.items():
+        if name in plan.muon_owner:
+            owned[plan.muon_owner[name]].add(info, info.numel, ns_steps)
+        elif name in plan.expert_runs:
+            per_matrix = info.numel // info.matrices
+            for run, owner in plan.expert_runs[name]:
+                for r in range(owner * ep, (owner + 1) * ep):
+                    owned[r].add(info, len(run) * per_matrix, ns_steps)
+        elif name not in plan.bucket_of:
+            whole.add(info, info.numel, ns_steps)
+    for bucket in plan.buckets:
+        shard = bucket.shard_numel
+        for name, offset in zip(bucket.names, bucket.offsets):
+            info = plan.params[name]
+            for g in range(offset // shard, (offset + info.numel - 1) // shard + 1):
+                numel = min(offset + info.numel, (g + 1) * shard) - max(offset, g * shard)
+                for r in range(g * ep, (g + 1) * ep) if bucket.expert else (g,):
+                    owned[r].add(info, numel, ns_steps)
+    for o in owned:
+        o.muon += whole.muon
+        o.adamw += whole.adamw
+        for key, count in whole.matrices.items():
+            o.matrices[key] = o.matrices.get(key, 0) + count
+        o.largest_adamw = max(o.largest_adamw, whole.largest_adamw)
+        o.largest_muon = max(o.largest_muon, whole.largest_muon)
+        o.largest = max(o.largest, whole.largest)
+        o.ns_flops += whole.ns_flops
+    return owned
 
 
 def memory_of_plan(plan: ShardPlan, buffers: int, param_dtype: torch.dtype, ns_dtype: torch.dtype,
                    device: torch.device, slice_bytes: int = MUON_SLICE_BYTES, staged_gather: bool = False
                    ) -> RankMemory:
     """``rank_memory`` of the rank ``plan`` was made for (its parameters and buffer bytes given)."""
+    return memory_by_rank(plan, buffers, param_dtype, ns_dtype, device, slice_bytes, staged_gather)[plan.dp_rank]
+
+
+def memory_by_rank(plan: ShardPlan, buffers: int, param_dtype: torch.dtype, ns_dtype: torch.dtype,
+                   device: torch.device, slice_bytes: int = MUON_SLICE_BYTES, staged_gather: bool = False,
+                   ns_steps: int = 5) -> list[RankMemory]:
+    """``rank_memory`` of every rank of ``plan``'s groups, indexed by data-parallel rank."""
     param_bytes = torch.empty((), dtype=param_dtype).element_size()
     infos = plan.params
     numel = sum(info.numel for info in infos.values())
     bucketed = set(plan.bucket_of)
     gradients = FP32 * (sum(b.padded_numel for b in plan.buckets)
                         + sum(info.numel for name, info in infos.items() if name not in bucketed))
-    owned = {name: plan.owned(name) for name in infos}
-    owned_numel = {name: 0 if span is None else span[1] - span[0] for name, span in owned.items()}
-    muon = sum(owned_numel[n] for n, info in infos.items() if info.muon)
-    adamw = sum(owned_numel[n] for n, info in infos.items() if not info.muon)
-    master = FP32 * (muon + adamw) if param_dtype != torch.float32 else 0
-
-    # Transients. Muon: per wide shape, the matrices this rank orthogonalises.
-    matrices: dict[tuple[int, int], int] = {}
-    for name, info in infos.items():
-        if info.muon and owned_numel[name]:
-            rows, cols = info.shape[-2], info.shape[-1]
-            key = (min(rows, cols), max(rows, cols))
-            matrices[key] = matrices.get(key, 0) + owned_numel[name] // (rows * cols)
+    publish = max((b.padded_numel for b in plan.buckets), default=0) * param_bytes * (1 + staged_gather)
     ns_item = ns_dtype.itemsize
-    muon_step = 0
-    for (m, n), count in matrices.items():
-        per_slice = min(count, muon_slice_matrices(count, m, n, ns_dtype, slice_bytes, device))
-        chunk = ns_sub_stack_size(per_slice, m, n, ns_dtype, ns_chunk_bytes(device))
-        stack = per_slice * m * n * (FP32 + ns_item)           # Nesterov inputs and the result
-        work = chunk * (m * n * (ns_item + FP32) + 2 * m * m * ns_item)  # iterate, Gram buffers, fp32 copy
-        muon_step = max(muon_step, stack + work)
-    largest_adamw = max((owned_numel[n] for n, info in infos.items() if not info.muon), default=0)
-    largest_owned = max(owned_numel.values(), default=0)
-    transients = {
-        "muon_step": muon_step,
-        "adamw_step": 3 * FP32 * min(largest_adamw, ADAMW_CHUNK_NUMEL),
-        "grad_norm": 8 * min(largest_owned, ADAMW_CHUNK_NUMEL),
-        "publish": max((b.padded_numel for b in plan.buckets), default=0) * param_bytes * (1 + staged_gather),
-    }
-    return RankMemory(parameters=numel * param_bytes, gradients=gradients, optimizer_state=FP32 * (muon + 2 * adamw),
-                      master_weights=master, buffers=buffers, transients=transients)
+    out = []
+    for owned in owned_by_rank(plan, ns_steps):
+        muon_step = 0
+        for (m, n), count in owned.matrices.items():
+            per_slice = min(count, muon_slice_matrices(count, m, n, ns_dtype, slice_bytes, device))
+            chunk = ns_sub_stack_size(per_slice, m, n, ns_dtype, ns_chunk_bytes(device))
+            stack = per_slice * m * n * (FP32 + ns_item)  # Nesterov inputs and the result
+            work = chunk * (m * n * (ns_item + FP32) + 2 * m * m * ns_item)  # iterate, Gram buffers, fp32 copy
+            muon_step = max(muon_step, stack + work)
+        transients = {"muon_step": muon_step, "adamw_step": 3 * FP32 * min(owned.largest_adamw, ADAMW_CHUNK_NUMEL),
+                      "grad_norm": 8 * min(owned.largest, ADAMW_CHUNK_NUMEL), "publish": publish}
+        master = FP32 * (owned.muon + owned.adamw) if param_dtype != torch.float32 else 0
+        copies = 2 if param_dtype != torch.float32 else 1  # the state, and the master where there is one
+        staging = FP32 * max(copies * owned.largest_muon, (copies + 1) * min(owned.largest_adamw, ADAMW_CHUNK_NUMEL))
+        out.append(RankMemory(parameters=numel * param_bytes, gradients=gradients,
+                              optimizer_state=FP32 * (owned.muon + 2 * owned.adamw), master_weights=master,
+                              buffers=buffers, transients=transients, newton_schulz_flops=owned.ns_flops,
+                              offload_staging=staging))
+    return out
 
 
 def measure_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, int]:

@@ -294,6 +294,7 @@ class MuonClip(torch.optim.Optimizer):
     ``slice_bytes``: the most bytes of fp32 matrices one Newton-Schulz stack holds (``MUON_SLICE_BYTES``).
     ``param_order``: every name in the model's ``named_parameters`` order (the backward produces gradients
     in about its reverse, which the gradient sync's buckets follow); default: Muon's, then AdamW's.
+    ``offload``: keep the state and masters in host memory (``state_device``).
 
     Each step reads the gradient of what this rank owns: ``p.grad`` for fp32 parameters, ``p.main_grad``
     (fp32, ``k2model.parallel.GradientSync`` accumulates it) for parameters of another dtype, whose fp32
@@ -309,8 +310,11 @@ class MuonClip(torch.optim.Optimizer):
                  cfg: OptimizerConfig | None = None, *, layout: ParallelLayout | None = None,
                  distributed: bool | None = None, process_group: dist.ProcessGroup | None = None,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL, slice_bytes: int | None = None,
-                 param_order: Sequence[str] | None = None):
+                 param_order: Sequence[str] | None = None, offload: bool = False):
         cfg = cfg or OptimizerConfig()
+        self.offload = offload
+        """Keep the optimizer state and masters in host memory; the step copies each piece it updates to
+        the parameters' device and back (``train.offload_optimizer``)."""
         self.cfg = cfg
         muon_params, adamw_params = list(muon_params), list(adamw_params)
         names = [n for n, _ in muon_params + adamw_params]
@@ -439,13 +443,20 @@ class MuonClip(torch.optim.Optimizer):
             return state["master"].view(-1)
         return p.view(-1)[span[0]:span[1]]
 
+    def state_device(self, p: torch.Tensor) -> torch.device:
+        """Where the state of ``p`` lives: host memory under ``offload`` (pinned for a GPU's copies), else
+        with the parameter."""
+        return torch.device("cpu") if self.offload else p.device
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], span: tuple[int, int], shape: tuple[int, ...],
                     keys: tuple[str, ...]) -> None:
         state["span"] = span
+        device, pin = self.state_device(p), self.offload and p.is_cuda
         for key in keys:
-            state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state[key] = torch.zeros(shape, dtype=torch.float32, device=device, pin_memory=pin)
         if p.dtype != torch.float32:
-            state["master"] = p.detach().view(-1)[span[0]:span[1]].float().reshape(shape)
+            master = p.detach().view(-1)[span[0]:span[1]].float().reshape(shape)
+            state["master"] = master.to(device).pin_memory() if pin else master.to(device)
 
     def _muon_update(self, group: dict[str, Any], stats: dict[str, int]) -> None:
         mu, nesterov = group["momentum"], group["nesterov"]
@@ -466,10 +477,9 @@ class MuonClip(torch.optim.Optimizer):
                 shape = tuple(p.shape) if k == self.plan.params[name].matrices else (k, rows, cols)
                 self._init_state(p, state, span, shape, ("momentum",))
             g_KRC = g.view(-1)[span[0]:span[1]].view(k, rows, cols)
-            M_KRC = state["momentum"].view(k, rows, cols)
-            M_KRC.mul_(mu).add_(g_KRC)
             target_KRC = self._target(p, state, span).view(k, rows, cols)
-            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append((g_KRC, M_KRC, target_KRC))
+            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append(
+                (g_KRC, state["momentum"].view(k, rows, cols), target_KRC))
 
         ns_dtype = NS_DTYPES[group["ns_dtype"]]
         for (m, n), items in by_shape.items():
@@ -477,7 +487,10 @@ class MuonClip(torch.optim.Optimizer):
             per_slice = muon_slice_matrices(total, m, n, ns_dtype, self.slice_bytes, items[0][0].device)
             stack_KMN = torch.empty(min(per_slice, total), m, n, dtype=torch.float32, device=items[0][0].device)
             filled, targets = 0, []
-            for g_KRC, M_KRC, target_KRC in items:
+            for g_KRC, kept_M_KRC, target_KRC in items:
+                # The momentum, on the gradient's device (a copy of it under offload, written back below).
+                M_KRC = kept_M_KRC.to(g_KRC.device, non_blocking=True)
+                M_KRC.mul_(mu).add_(g_KRC)
                 start = 0
                 while start < g_KRC.shape[0]:
                     take = min(g_KRC.shape[0] - start, per_slice - filled)
@@ -495,6 +508,8 @@ class MuonClip(torch.optim.Optimizer):
                     if filled == per_slice:
                         self._orthogonalise_and_apply(group, stack_KMN, targets, stats)
                         filled, targets = 0, []
+                if M_KRC is not kept_M_KRC:
+                    kept_M_KRC.copy_(M_KRC)
             if filled:
                 self._orthogonalise_and_apply(group, stack_KMN[:filled], targets, stats)
 
@@ -512,7 +527,7 @@ class MuonClip(torch.optim.Optimizer):
             o_KMN = ortho_KMN[at:at + target_KRC.shape[0]]
             at += target_KRC.shape[0]
             o_KRC = o_KMN.mT if target_KRC.shape[-2] > target_KRC.shape[-1] else o_KMN
-            _apply_decoupled(target_KRC, o_KRC, group["lr"], group["weight_decay"], scale)
+            _apply_staged(target_KRC, o_KRC, group["lr"], group["weight_decay"], scale)
         stats["ns_matrices"] += K
         stats["ns_flops"] += K * newton_schulz_flops(m, n, steps)
         stats["ns_batches"] += 1
@@ -538,11 +553,15 @@ class MuonClip(torch.optim.Optimizer):
             # shard's size, and each element's arithmetic is the same.
             for lo in range(0, g_flat.numel(), ADAMW_CHUNK_NUMEL):
                 hi = min(lo + ADAMW_CHUNK_NUMEL, g_flat.numel())
-                exp_avg, exp_avg_sq = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
+                kept = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
+                exp_avg, exp_avg_sq = (t.to(g_flat.device, non_blocking=True) for t in kept)  # copies under offload
                 exp_avg.lerp_(g_flat[lo:hi], 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(g_flat[lo:hi], g_flat[lo:hi], value=1 - beta2)
                 denom = (exp_avg_sq.sqrt() / bias2).add_(eps)
-                _apply_decoupled(target[lo:hi], exp_avg.div(denom), lr, weight_decay, scale)
+                _apply_staged(target[lo:hi], exp_avg.div(denom), lr, weight_decay, scale)
+                if exp_avg is not kept[0]:
+                    kept[0].copy_(exp_avg)
+                    kept[1].copy_(exp_avg_sq)
 
     @torch.no_grad()
     def scale_rows_(self, weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
@@ -556,14 +575,15 @@ class MuonClip(torch.optim.Optimizer):
         state = self.state[weight]
         cols = weight.shape[-1]
         if span == (0, weight.numel()):
-            scale_weight_rows(state["master"].view(weight.shape) if "master" in state else weight, rows, factors)
+            target = state["master"].view(weight.shape) if "master" in state else weight
+            scale_weight_rows(target, rows.to(target.device), factors.to(target.device))
             return
         # A flat shard (AdamW) covers rows in part: scale each owned element by its row's factor (1 for rows
         # not clipped, which leaves them bit-for-bit as they are).
-        factor_of_row = torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
-        factor_of_row[rows] = factors.float()
-        row_of = torch.arange(span[0], span[1], device=weight.device) // cols
         flat = self._target(weight, state, span)
+        factor_of_row = torch.ones(weight.shape[0], dtype=torch.float32, device=flat.device)
+        factor_of_row[rows.to(flat.device)] = factors.float().to(flat.device)
+        row_of = torch.arange(span[0], span[1], device=flat.device) // cols
         flat.copy_((flat.float() * factor_of_row[row_of]).to(flat.dtype))
 
     @torch.no_grad()
@@ -670,7 +690,9 @@ class MuonClip(torch.optim.Optimizer):
                     continue
                 if isinstance(value, torch.Tensor):
                     part = value.reshape(-1)[want[0] - have[0]:want[1] - have[0]]
-                    value = part.to(device=p.device, dtype=torch.float32, copy=True).reshape(shape)
+                    value = part.to(device=self.state_device(p), dtype=torch.float32, copy=True).reshape(shape)
+                    if self.offload and p.is_cuda:
+                        value = value.pin_memory()
                 entry[key] = value
             if p.dtype != torch.float32 and "master" not in entry:
                 raise ValueError(f"optimizer state of {name} has no fp32 master copy, but the parameter is "
@@ -702,6 +724,17 @@ def muon_slice_matrices(num_matrices: int, m: int, n: int, ns_dtype: torch.dtype
     chunk = ns_sub_stack_size(num_matrices, m, n, ns_dtype, ns_chunk_bytes(device))
     fit = slice_bytes // (m * n * 4)
     return max(chunk, fit // chunk * chunk)
+
+
+def _apply_staged(target: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """``_apply_decoupled`` where the target may live in host memory (offload): a copy of it on the update's
+    device is updated and written back."""
+    if target.device == update.device:
+        _apply_decoupled(target, update, lr, weight_decay, scale)
+        return
+    staged = target.to(update.device, non_blocking=True)
+    _apply_decoupled(staged, update, lr, weight_decay, scale)
+    target.copy_(staged)
 
 
 def _apply_decoupled(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float,

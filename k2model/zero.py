@@ -36,6 +36,7 @@ soon as it is complete, in the same order on every rank. Groups of one rank have
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -183,6 +184,15 @@ class ShardPlan:
         return [unit for *_, unit in sorted(units, key=lambda u: u[:2])]
 
     # ------------------------------------------------------------------ queries
+    def as_rank(self, dp_rank: int, replica_rank: int) -> ShardPlan:
+        """The same plan seen from another rank of the same groups (owners and buckets are shared, only
+        ``owned`` changes): every rank's share without building the plan again."""
+        if not 0 <= dp_rank < self.dp or not 0 <= replica_rank < self.replicas:
+            raise ValueError(f"rank ({dp_rank}, {replica_rank}) outside dp={self.dp}, replicas={self.replicas}")
+        other = copy.copy(self)
+        other.dp_rank, other.replica_rank = dp_rank, replica_rank
+        return other
+
     def group_size(self, expert: bool) -> int:
         return self.replicas if expert else self.dp
 

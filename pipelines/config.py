@@ -125,6 +125,14 @@ class TrainConfig:
     """What the backward recomputes instead of keeping: ``none``; ``selective`` (norms, SwiGLU activations with
     their down projections, the MoE gating sum: little compute, much memory); ``full`` (each decoder layer
     from its input: about one more forward). The gradients are the same."""
+    device_memory_gb: float | None = None
+    """Memory of one training GPU, GB (10^9 bytes): when set, a layout that cannot fit in it (``k2pipe
+    plan``'s arithmetic, most loaded GPU, reserve included) is refused when the config is loaded, naming
+    the smallest change that would fit. Unset, nothing is assumed; on a cluster each worker checks the GPU
+    it finds before its first step either way."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state and fp32 masters in host memory (pinned) and move each piece to the GPU only
+    while the step updates it: device memory for host memory and PCIe traffic (``k2pipe plan`` prices it)."""
     param_dtype: str = "float32"
     """dtype of the parameters the forward and backward use: ``float32``, or ``bfloat16`` (K2's recipe) with
     fp32 gradient accumulation and an fp32 master copy of each parameter, sharded with the optimizer state
@@ -184,6 +192,8 @@ class TrainConfig:
         need = field_checker("train", self)
         need(self.param_dtype in PARAM_DTYPES, "param_dtype", f"expected one of {list(PARAM_DTYPES)}")
         need(self.recompute in RECOMPUTE_MODES, "recompute", f"expected one of {list(RECOMPUTE_MODES)}")
+        need(self.device_memory_gb is None or self.device_memory_gb > 0, "device_memory_gb",
+             "expected a positive number of GB, or null")
         for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
@@ -435,9 +445,10 @@ def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
 
 
 def load_config(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                run_name: str | None = None) -> RunConfig:
+                run_name: str | None = None, *, vocab_from_model: bool = False) -> RunConfig:
     """Build and validate a RunConfig. ``config`` is a YAML path or a bundled name; ``overrides`` are
-    ``section.key=value`` strings (or an already-parsed dict of dotted keys)."""
+    ``section.key=value`` strings (or an already-parsed dict of dotted keys). ``vocab_from_model``: unless
+    ``data.vocab_size`` is given, it is the model's (``k2pipe plan`` of a preset: no tokenizer is trained)."""
     flat: dict[str, Any] = {}
     path = resolve_config_path(config)
     if path is not None:
@@ -449,10 +460,43 @@ def load_config(config: str | None = None, overrides: list[str] | dict[str, Any]
     flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if run_name is not None:
         flat["name"] = run_name
-    return build_config(flat)
+    cfg = build_config(flat, vocab_from_model=vocab_from_model and "data.vocab_size" not in flat)
+    if cfg.train.device_memory_gb is not None:
+        gb = cfg.train.device_memory_gb
+        check_device_memory(cfg, gb * 1e9, f"train.device_memory_gb={gb}")
+    return cfg
 
 
-def build_config(flat: dict[str, Any]) -> RunConfig:
+def check_device_memory(cfg: RunConfig, memory_bytes: float, where: str, device_type: str = "cuda") -> None:
+    """Refuse the run's layout when its most loaded GPU needs more than ``memory_bytes`` (``k2model.plan``:
+    the arithmetic of ``k2pipe plan``), naming what it needs, why, and the smallest change that fits."""
+    from dataclasses import replace
+
+    from k2model.plan import HARDWARE, Job, Layout, PlanError, plan_layout
+
+    t = cfg.train
+    job = Job(cfg.model, cfg.optimizer, cfg.data.seq_len, t.global_batch_size)
+    layout = Layout(t.num_workers, t.pp, t.ep, t.micro_batch_size, t.recompute, t.param_dtype, t.offload_optimizer,
+                    t.pp_layers)
+    # Only the GPU's memory is known here: the node size is left out of it (and the host's memory too).
+    hardware = replace(HARDWARE["h100"], name=where, memory_gb=memory_bytes / 1e9, gpus_per_node=t.num_workers,
+                       host_memory_gb=float("inf"))
+    try:
+        plan = plan_layout(job, layout, hardware, device_type=device_type)
+    except PlanError as e:
+        raise ConfigError(str(e)) from None
+    if plan.fits:
+        return
+    worst = plan.worst
+    change = plan.smallest_change
+    advice = (f"smallest change that fits: {change['change']} ({' '.join('--set ' + s for s in change['set'])})"
+              if change else "no single change found fits; see k2pipe plan")
+    raise ConfigError(f"{where}: this layout needs {plan.total / 1e9:,.1f} GB on its most loaded GPU (stage "
+                      f"{worst.stage}, rank {worst.rank}; reserve included) of {memory_bytes / 1e9:,.1f} GB: "
+                      f"{plan.why()}. {advice}")
+
+
+def build_config(flat: dict[str, Any], *, vocab_from_model: bool = False) -> RunConfig:
     by_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     name = flat.get("name")
     for key, value in flat.items():
@@ -484,6 +528,8 @@ def build_config(flat: dict[str, Any]) -> RunConfig:
             built[section] = cls(**base)
         except TypeError as e:
             raise ConfigError(f"section {section!r}: {e}") from None
+    if vocab_from_model:
+        built["data"] = dataclasses.replace(built["data"], vocab_size=built["model"].vocab_size)
     cfg = RunConfig(name=str(name) if name else None, **built)
     cfg.validate()
     return cfg

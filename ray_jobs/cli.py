@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job_commands(sub)
     add_compare_command(sub)
+    from ray_jobs.plan import add_plan_command
+
+    add_plan_command(sub)
     return parser
 
 

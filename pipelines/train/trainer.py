@@ -180,7 +180,8 @@ class Trainer:
             stage_layers=self.stages[layout.stage] if self.stages else None,
             param_dtype=getattr(torch, cfg.train.param_dtype)).train()
         self.model.set_recompute(cfg.train.recompute)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr, layout=layout)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.lr, layout=layout,
+                                         offload=cfg.train.offload_optimizer)
         self.grad_sync = parallel.GradientSync(self.model, layout, self.optimizer.plan)
         self.batches = batches
         self.val_batches = val_batches

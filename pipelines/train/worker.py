@@ -64,6 +64,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()  # the GPU Ray Train assigned this worker
+    if device.type == "cuda":
+        # Before anything is built: a layout this GPU cannot hold fails here, naming the smallest change,
+        # not with an out-of-memory error somewhere in the first step.
+        from pipelines.config import check_device_memory
+
+        props = torch.cuda.get_device_properties(device)
+        check_device_memory(cfg, props.total_memory, f"the GPU of rank {rank} ({props.name}, "
+                            f"{props.total_memory / 1e9:.1f} GB)")
     use_deterministic(t.deterministic)
     seed_everything(t.seed)
     layout = ParallelLayout(world_size=world, rank=rank, ep=t.ep, pp=t.pp,

@@ -86,3 +86,32 @@ def test_a_muonclip_step_on_cuda_matches_the_cpu_reference():
         build_optimizer(model, opt_cfg, 3e-3, distributed=False).step()
     for (name, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters()):
         assert (a - b.detach().cpu()).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_an_offloaded_optimizer_keeps_its_state_in_pinned_host_memory_and_steps_alike(param_dtype):
+    """``train.offload_optimizer``: momenta, moments and masters in pinned host memory, each piece copied to
+    the GPU for its update and back; three steps give the very parameters of the optimizer that keeps its
+    state on the GPU."""
+    from k2model.config import OptimizerConfig
+    from k2model.optim import build_optimizer
+
+    cfg = preset_config("tiny")
+    models = [build_model(cfg, seed=0, device="cuda", param_dtype=param_dtype) for _ in range(2)]
+    opts = [build_optimizer(m, OptimizerConfig(ns_dtype="float32"), 3e-3, distributed=False, offload=offload)
+            for m, offload in zip(models, (False, True))]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in models[0].named_parameters()}
+        for model in models:
+            for n, p in model.named_parameters():
+                if p.dtype == torch.float32:
+                    p.grad = grads[n].cuda()
+                else:
+                    p.main_grad = grads[n].cuda()
+        for opt in opts:
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+    kept = [t for s in opts[1].state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert kept and all(t.device.type == "cpu" and t.is_pinned() for t in kept)

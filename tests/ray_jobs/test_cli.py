@@ -4,6 +4,7 @@ config value end in a few lines naming the file or key, with the documented exit
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -65,3 +66,42 @@ def test_a_stage_entry_point_is_the_dag_until_that_stage(tmp_path, capsys, monke
     # ... and --debug, given after the stage like any other flag, shows the traceback.
     assert stage(["tokenizer", *small, "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_plan_answers_from_the_config_alone(tmp_path):
+    """``k2pipe plan``: a layout as JSON with the documented keys, a refused layout naming the option (exit
+    2, no traceback), a search that lists the layouts that fit and the --set lines of the best."""
+    done = k2pipe("plan", "--preset", "small", "--set", "data.seq_len=128", "--set", "train.global_batch_size=32",
+                  "--gpus", "8", "--pp", "2", "--ep", "2", "--micro-batch", "2", "--gpu-memory-gb", "24", "--json",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["fits"] is True and plan["headroom_bytes"] == plan["gpu_memory_bytes"] - plan["per_gpu"]["total"]
+    assert {"parameters", "gradients", "optimizer_state", "master_weights", "activations", "optimizer_transient",
+            "reserve", "total"} <= set(plan["per_gpu"])
+    assert {"all_to_all_bytes", "data_parallel_bytes", "pipeline_bytes"} == set(plan["traffic"])
+    assert plan["estimate"]["step_s"] > 0 and 0 < plan["bubble"] < 1 and len(plan["stages"]) == 2
+    assert "train.pp=2" in plan["set"] and plan["smallest_change"] is None
+    refused = k2pipe("plan", "--preset", "small", "--gpus", "8", "--pp", "3", cwd=tmp_path)
+    assert refused.returncode == 2 and "--pp (train.pp) 3 must divide --gpus 8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    search = k2pipe("plan", "--preset", "small", "--set", "data.seq_len=128", "--set", "train.global_batch_size=32",
+                    "--gpus", "2", "--micro-batch", "2", "--gpu-memory-gb", "8", cwd=tmp_path)
+    assert search.returncode == 0, search.stderr
+    assert re.search(r"\d+ of \d+ valid layouts fit, fastest first", search.stdout)
+    assert "run it with: --set train.num_workers=2" in search.stdout
+
+
+def test_a_run_whose_layout_cannot_fit_train_device_memory_gb_is_refused_before_anything_starts(tmp_path):
+    """``train.device_memory_gb``: the planner's arithmetic refuses the layout when the config is loaded (exit
+    2, no Ray, no storage written), naming what it needs and the smallest change that fits."""
+    from pipelines.config import load_config
+
+    small = ["model.preset=small", "model.vocab_size=1024"]
+    assert load_config("ci", [*small, "train.device_memory_gb=4"]).train.device_memory_gb == 4
+    done = k2pipe("run", "ci", "--storage", str(tmp_path / "store"), *(f"--set={s}" for s in small),
+                  "--set", "train.device_memory_gb=3.5", "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"train.device_memory_gb=3.5: this layout needs 3\.\d GB on its most loaded GPU", done.stderr)
+    assert "smallest change that fits:" in done.stderr and "--set train.offload_optimizer=true" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "store").exists()

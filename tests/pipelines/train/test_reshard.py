@@ -10,7 +10,9 @@ parameter). In bf16 another layout's order of sums changes the bf16 roundings of
 continuous weights agree within BF16_REL; the router biases are compared apart, in steps: each update
 moves a bias by exactly +-router_bias_update_rate by the sign of its expert's load against the mean, so
 a token routed differently at a near tie flips one step and leaves a difference of 2 x rate, which no
-tolerance on continuous values describes. At most BF16_MAX_BIAS_FLIPS elements may differ."""
+tolerance on continuous values describes. At most BF16_MAX_BIAS_FLIPS elements may differ. The same
+near-tie sends the token's gradient to another expert, so the routed-expert stacks get BF16_EXPERT_REL
+(measured: up to 2.0e-2 in one stack of layer 2, where every other weight stayed under 1e-2)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pipelines.train.trainer import Trainer, math_signature
 SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 8, 6
 FP32_REL = 2e-4
 BF16_REL = 2e-2
+BF16_EXPERT_REL = 3e-2
 BF16_MAX_BIAS_FLIPS = 4
 BIAS = "e_score_correction_bias"
 NS_DTYPES = ("float32", "bfloat16")
@@ -123,8 +126,10 @@ def _assert_close_params(a: dict, b: dict, what: str, ns_dtype: str) -> None:
         assert worst < FP32_REL, f"{what}: largest relative parameter difference {worst:.2e}"
         return
     continuous = [n for n in b if not n.endswith(BIAS)]
-    worst = max((_relative_difference(a[n], b[n]) for n in continuous), default=0.0)
-    assert worst < BF16_REL, f"{what}: largest relative difference of a continuous weight {worst:.2e}"
+    for bound, names in ((BF16_REL, [n for n in continuous if not is_stacked_expert(n)]),
+                         (BF16_EXPERT_REL, [n for n in continuous if is_stacked_expert(n)])):
+        worst = max((_relative_difference(a[n], b[n]) for n in names), default=0.0)
+        assert worst < bound, f"{what}: largest relative difference of a continuous weight {worst:.2e}"
     rate = _config(1, 1, ns_dtype).model.router_bias_update_rate
     flips = sum(int(((a[n] - b[n]).abs() > rate / 2).sum()) for n in b if n.endswith(BIAS))
     assert flips <= BF16_MAX_BIAS_FLIPS, f"{what}: {flips} router-bias elements differ by a step or more"
