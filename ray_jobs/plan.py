@@ -23,14 +23,16 @@ The batch is the config's: train.global_batch_size sequences of data.seq_len tok
 Memory: parameters (train.param_dtype), fp32 gradients, the optimizer state and fp32 masters sharded over
 data parallelism (ZeRO-1), activations per token times the micro-batch's tokens for each of the min(pp - s,
 m) micro-batches 1F1B keeps in flight on stage s, the optimizer step's largest temporary, and a reserve of
-2 GB + 4%% of the GPU for the CUDA context, NCCL and fragmentation. Fits when that total is at most
+2 GB + 4% of the GPU for the CUDA context, NCCL and fragmentation. Fits when that total is at most
 --gpu-memory-gb. Step time: model FLOPs at --mfu of the peak through the 1F1B schedule, plus the exposed
 all-to-all (1 - --a2a-overlap) and data-parallel reduction (1 - --dp-overlap) at NVLink or network speed,
 Newton-Schulz, and PCIe copies under offload.
 
 Worked example, Kimi K2's layout (16-way pipeline x 16-way expert parallelism on 256 H800s):
   k2pipe plan --preset k2-1t --set data.seq_len=4096 --set train.global_batch_size=16384 \\
-      --hardware h800 --gpus 256 --pp 16 --ep 16 --param-dtype bfloat16 --recompute selective
+      --hardware h800 --gpus 256 --pp 16 --ep 16 --micro-batch 1 --param-dtype bfloat16 --recompute full
+(about 63 GB of states per GPU on the middle stages; fits an 80 GB GPU with full recomputation; the README
+walks through it.)
 """
 
 
@@ -176,7 +178,7 @@ def render_plan(plan) -> str:
     verdict = (f"fits, {_gb(plan.headroom)} headroom" if plan.fits
                else f"DOES NOT FIT ({_gb(-plan.headroom)} over)" if plan.headroom < 0
                else "DOES NOT FIT (host memory)")
-    lines.append(f"  {'peak: states + max(activations, step temporary)':<44} {_gb(g['total'] - g['reserve']):>14}")
+    lines.append(f"  {'peak (states + max(activations, temporary))':<44} {_gb(g['total'] - g['reserve']):>14}")
     lines.append(f"  total {_gb(g['total'])} of {_gb(plan.memory)}: {verdict}")
     if layout.offload_optimizer:
         lines.append(f"host memory of the most loaded node: {_gb(plan.host_bytes_per_node)} of "
