@@ -123,7 +123,8 @@ def test_one_worker_holds_what_the_memory_module_says():
 @pytest.mark.slow
 def test_two_workers_hold_what_the_memory_module_says_in_every_layout():
     runs = [("tiny", ep, pp, d, True) for ep, pp in LAYOUTS_2 for d in ("float32", "bfloat16")]
-    runs += [("small", ep, pp, "bfloat16", False) for ep, pp in LAYOUTS_2]
+    # small in fp32 here (its bf16 matmuls are slow where the CPU has no bf16 instructions; one worker runs it).
+    runs += [("small", ep, pp, "float32", False) for ep, pp in LAYOUTS_2]
     per_rank = run_workers(_step_and_measure, 2, runs, timeout_s=400)
     for results in per_rank:
         _check(results)
