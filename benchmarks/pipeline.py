@@ -14,9 +14,11 @@ latter, ``excess_idle_share`` their difference. The same function gives any ``pp
 the JSON, for pp = 2, 4, 8, 16).
 
 Also, informational on 2 cores: tokens/s of ``pp=2`` against one process with both threads, at the same
-global batch.
+global batch. With ``--cuts``: the stages the trainer cuts (priced by FLOPs and bytes,
+``k2model.pipeline.stage_cut``) against the cut by FLOPs alone, run in turn: each stage's time per
+micro-batch and the step time.
 
-    python -m benchmarks.pipeline [--quick] --out bench-results/pipeline.json
+    python -m benchmarks.pipeline [--quick] [--cuts] --out bench-results/pipeline.json
 
 Target: the measured bubble within 1.2x of theory at m >= 4p. Figures measured so far, dated with their
 machines: benchmarks/results/pipeline.md.
@@ -39,13 +41,14 @@ from pipelines.train.trainer import Trainer
 SEQ, MICRO = 128, 2
 
 
-def _config(preset: str, workers: int, pp: int, m: int, threads: int):
+def _config(preset: str, workers: int, pp: int, m: int, threads: int, pp_layers: list[int] | None = None):
     vocab = {"tiny": 4096, "small": 32768}[preset]
     return load_config(None, [
         f"model.preset={preset}", f"model.vocab_size={vocab}", f"data.vocab_size={vocab}", f"data.seq_len={SEQ}",
         f"train.num_workers={workers}", f"train.pp={pp}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={MICRO * m}", "train.steps=1000", "train.warmup_steps=1",
-        f"train.threads_per_worker={threads}", "tracking.enabled=false"])
+        f"train.threads_per_worker={threads}", "tracking.enabled=false",
+        *([f"train.pp_layers=[{','.join(map(str, pp_layers))}]"] if pp_layers else [])])
 
 
 class Batches:
@@ -58,10 +61,10 @@ class Batches:
         return ids[:, :-1], ids[:, 1:]
 
 
-def measure_rank(rank: int, world: int, preset: str, m: int, steps: int) -> dict:
+def measure_rank(rank: int, world: int, preset: str, m: int, steps: int, pp_layers: list[int] | None = None) -> dict:
     """One rank of ``pp=world`` (or one process with ``world`` = 1): per timed step, the schedule's wall
     time and the time inside this rank's forward and backward chunks."""
-    cfg = _config(preset, world, world, m, 1 if world > 1 else 2)
+    cfg = _config(preset, world, world, m, 1 if world > 1 else 2, pp_layers if world > 1 else None)
     torch.set_num_threads(cfg.train.threads_per_worker)
     trainer = Trainer(cfg, Batches(cfg.model.vocab_size), [])
     busy = {"F": 0.0, "B": 0.0}
@@ -131,12 +134,52 @@ def step_bubbles(ranks: list[dict], pp: int, m: int) -> tuple[list[float], list[
 def _args(p) -> None:
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--m", type=int, nargs="+", default=None, help="micro-batch counts (default 2 4 8 16)")
+    p.add_argument("--cuts", action="store_true",
+                   help="instead: the trainer's cut (FLOPs and bytes) against the FLOP-only cut, alternately")
+
+
+def compare_cuts(preset: str, m: int, steps: int, rounds: int) -> dict:
+    """The stages the trainer cuts (``k2model.pipeline.stage_cut``, FLOPs and bytes) against the cut by FLOPs
+    alone (``partition_layers``' default), run in turn (A B A B ...): per cut, each stage's forward and
+    backward time per micro-batch (median over every timed step of every round), the slower stage over
+    the faster one, and the step time."""
+    from k2model.pipeline import partition_layers, stage_cut
+
+    cfg = _config(preset, 2, 2, m, 1)
+    cuts = {"flops_and_bytes": [len(r) for r in stage_cut(cfg.model, 2, SEQ, None, MICRO, "float32", "cpu")],
+            "flops_only": [len(r) for r in partition_layers(cfg.model, 2, SEQ)]}
+    per_cut: dict[str, dict] = {name: {"stage_s": [[], []], "step_s": []} for name in cuts}
+    for _ in range(rounds):
+        for name, counts in cuts.items():
+            ranks = run_workers(measure_rank, 2, preset, m, steps, counts)
+            for s, r in enumerate(ranks):
+                per_cut[name]["stage_s"][s] += [f + b for f, b in zip(r["forward_s"], r["backward_s"])]
+            per_cut[name]["step_s"].append(max(r["step_s"] for r in ranks))
+    out = {}
+    for name, counts in cuts.items():
+        stage_s = [statistics.median(v) for v in per_cut[name]["stage_s"]]
+        out[name] = {"layers_per_stage": counts, "stage_micro_batch_s": stage_s,
+                     "slower_over_faster": max(stage_s) / min(stage_s),
+                     "step_s": statistics.median(per_cut[name]["step_s"]), "step_s_all": per_cut[name]["step_s"]}
+    out["step_ratio_flops_only_over_flops_and_bytes"] = out["flops_only"]["step_s"] / out["flops_and_bytes"]["step_s"]
+    return out
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv, extra=_args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     preset, pp = args.preset, 2
+    if args.cuts:
+        m = args.m[0] if args.m else 8
+        result = compare_cuts(preset, m, 2 if args.quick else 3, 1 if args.quick else 2)
+        print(table([{"cut": name, "layers": str(r["layers_per_stage"]),
+                      "stage 0 s": r["stage_micro_batch_s"][0], "stage 1 s": r["stage_micro_batch_s"][1],
+                      "slower/faster": r["slower_over_faster"], "step s": r["step_s"]}
+                     for name, r in result.items() if isinstance(r, dict)],
+                    ["cut", "layers", "stage 0 s", "stage 1 s", "slower/faster", "step s"]))
+        print("step time, FLOP-only cut over the trainer's:", result["step_ratio_flops_only_over_flops_and_bytes"])
+        write_json(args.out, {"preset": preset, "m": m, "seq_len": SEQ, "micro_batch": MICRO, **result})
+        return
     steps = 2 if args.quick else 4
     ms = tuple(args.m) if args.m else ((8,) if args.quick else (2, 4, 8, 16))
     rows, runs = [], {}

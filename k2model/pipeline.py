@@ -2,9 +2,11 @@
 
 - ``layer_costs`` prices each piece of the model a stage can hold (the embedding, each decoder layer, the
   final norm with the head and its loss) in training FLOPs per token, with the arithmetic of
-  ``k2model.config.flops_per_token``; ``partition_layers`` cuts the layers into ``pp`` contiguous stages
-  that minimise the most expensive stage (the embedding goes with the first, the head with the last), or
-  takes the layer counts it is given.
+  ``k2model.config.flops_per_token``; ``layer_times`` in seconds per token on a device of given speed, its
+  FLOPs and its bytes (the activation and weight arithmetic of ``k2pipe plan``); ``partition_layers`` cuts
+  the layers into ``pp`` contiguous stages that minimise the most expensive stage (the embedding goes with
+  the first, the head with the last), or takes the layer counts it is given; ``stage_cut`` is the cut a
+  run trains, priced by ``layer_times`` at the device type's ``NOMINAL_SPEED``.
 - ``PipelineRunner`` is one rank's stage: ``torch.distributed.pipelining``'s ``PipelineStage`` over the
   rank's pipeline group (``ParallelLayout.pp_group``) and its ``Schedule1F1B``, micro-batches as the
   trainer's. ``forward_backward`` has the trainer's ``forward_backward`` signature; ``evaluate`` runs
@@ -22,6 +24,7 @@ scaling is off).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -48,10 +51,74 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[float, list[float], flo
     return 0.0, layers, head
 
 
-def partition_layers(cfg: ModelConfig, pp: int, seq_len: int, counts: Sequence[int] | None = None) -> list[range]:
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """What a device does in a second, for pricing pipeline stages: matmul FLOPs (achieved, not peak) and
+    bytes of memory traffic."""
+
+    flops: float
+    bytes: float
+
+
+NOMINAL_SPEED = {"cuda": DeviceSpeed(0.35 * 989e12, 3.35e12), "cpu": DeviceSpeed(1e11, 1e10)}
+"""The speeds the trainer prices stages with, by device type: an H100 at 35% of its bf16 peak and its
+HBM bandwidth; a CPU core's order of magnitude (100 GFLOP/s of fp32 matmul, 10 GB/s of memory traffic).
+Fixed figures, not measured, so every run (and its resume) cuts the same stages, and ``k2pipe plan``
+reports the cut the run will use. benchmarks/results/pipeline.md compares the cut with the FLOP-only one."""
+
+
+def layer_times(cfg: ModelConfig, seq_len: int, micro_batch: int, speed: DeviceSpeed, policy: str = "fp32",
+                local_experts: int | None = None) -> tuple[float, list[float], float]:
+    """Seconds per token of (the embedding, each decoder layer, the final norm + head + loss) on a device of
+    ``speed``: the piece's training FLOPs (``layer_costs``) at ``speed.flops``, plus its memory traffic at
+    ``speed.bytes``: what its forward keeps for the backward (``k2model.activations``, written once and
+    read once), its matmul weights read three times a micro-batch (forward, input and weight gradients;
+    ``local_experts`` routed experts of a MoE layer, all by default), spread over the micro-batch's
+    tokens; the embedding reads and scatters its rows' gradients. The head's one large matmul is FLOP-bound,
+    an MoE layer's dispatch, gating and small per-expert matmuls move more bytes per FLOP."""
+    from k2model.activations import EMBEDDING_BYTES_PER_TOKEN, head_bytes_per_token, layer_bytes_per_token
+
+    pc = count_parameters(cfg)
+    embed_flops, layer_flops, head_flops = layer_costs(cfg, seq_len)
+    tokens = micro_batch * seq_len
+    weight_bytes = 2 if policy == "bf16" else 4
+    experts = cfg.num_experts if local_experts is None else local_experts
+
+    def seconds(flops: float, moved: float) -> float:
+        return flops / speed.flops + moved / speed.bytes
+
+    layers = []
+    for i, flops in enumerate(layer_flops):
+        moe = cfg.is_moe_layer(i)
+        weights = pc.attention_per_layer + (pc.router_per_layer + (cfg.num_shared_experts + experts) * pc.expert
+                                            if moe else pc.dense_ffn_per_layer)
+        moved = 2 * layer_bytes_per_token(cfg, moe, policy) + 3 * weights * weight_bytes / tokens
+        layers.append(seconds(flops, moved))
+    embed = seconds(embed_flops, EMBEDDING_BYTES_PER_TOKEN + 3 * cfg.hidden_size * weight_bytes)
+    head = seconds(head_flops, 2 * head_bytes_per_token(cfg, policy) + 3 * pc.output_head * weight_bytes / tokens)
+    return embed, layers, head
+
+
+def stage_cut(cfg: ModelConfig, pp: int, seq_len: int, counts: Sequence[int] | None, micro_batch: int,
+              param_dtype: str, device_type: str, ep: int = 1) -> list[range]:
+    """The stages a run of ``pp`` stages trains (the trainer's and ``k2pipe plan``'s one cut): ``counts`` if
+    given, else balanced by ``layer_times`` at the device type's ``NOMINAL_SPEED``."""
+    from k2model.activations import policy_of
+
+    if pp == 1 and counts is None:
+        return [range(cfg.num_layers)]
+    costs = layer_times(cfg, seq_len, micro_batch, NOMINAL_SPEED["cuda" if device_type == "cuda" else "cpu"],
+                        policy_of(param_dtype, device_type), cfg.num_experts // ep)
+    return partition_layers(cfg, pp, seq_len, counts, costs=costs)
+
+
+def partition_layers(cfg: ModelConfig, pp: int, seq_len: int, counts: Sequence[int] | None = None, *,
+                     costs: tuple[float, Sequence[float], float] | None = None) -> list[range]:
     """The decoder layers of each of ``pp`` stages: ``counts`` layers each if given, else the contiguous cut
-    whose most expensive stage (``layer_costs``, the embedding on the first and the head on the last) is
-    cheapest, ties going to the cut with earlier stages larger."""
+    whose most expensive stage is cheapest, ties going to the cut with earlier stages larger. ``costs``:
+    (the embedding, each layer, the head) in any unit, the embedding on the first stage and the head on the
+    last: ``layer_times`` (what the trainer and ``k2pipe plan`` use), or by default ``layer_costs``
+    (training FLOPs)."""
     n = cfg.num_layers
     if counts is not None:
         counts = list(counts)
@@ -61,7 +128,7 @@ def partition_layers(cfg: ModelConfig, pp: int, seq_len: int, counts: Sequence[i
     else:
         if n < pp:
             raise ValueError(f"train.pp={pp} stages need at least {pp} layers; model.num_layers={n}")
-        embed, layers, head = layer_costs(cfg, seq_len)
+        embed, layers, head = costs if costs is not None else layer_costs(cfg, seq_len)
         counts = _balanced_counts([embed + layers[0], *layers[1:-1], layers[-1] + head] if n > 1
                                   else [embed + layers[0] + head], pp)
     out, start = [], 0

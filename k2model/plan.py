@@ -2,7 +2,8 @@
 an estimated step time for a parallel layout; a search over the layouts of a GPU count; and the smallest
 change that makes a layout fit. Pure arithmetic from the config: nothing is allocated.
 
-Memory of the most loaded rank of each pipeline stage (``Plan.stages``; the plan reports the worst):
+The stages are the run's own (``k2model.pipeline.stage_cut``). Memory of the most loaded rank of each
+pipeline stage (``Plan.stages``; the plan reports the worst):
 - states: ``k2model.memory`` (parameters, fp32 gradients, optimizer state and fp32 masters under ZeRO-1,
   buffers) for every data-parallel rank of the stage, the worst taken; with ``offload_optimizer`` the
   optimizer state and masters live in host memory (``host_bytes_per_node``: the GPUs of the most loaded
@@ -25,10 +26,11 @@ Traffic per GPU per step (bytes sent):
   (or broadcast) of the parameters over each replica group of R ranks: (R - 1) / R of those bytes each;
 - pipeline: per micro-batch, the activation to the next stage and its gradient to the previous one.
 
-Step time (an estimate under stated assumptions, ``Assumptions``): each stage's model FLOPs on its share
-of the tokens (``k2model.pipeline.layer_costs``; +1/3 under full recomputation) at ``mfu`` of the GPU's
-peak bf16 FLOP/s, run through the 1F1B schedule (fill and drain plus the slowest stage's steady state:
-(m - 1) max_s t_s + sum_s t_s with t_s a micro-batch's forward and backward on stage s); the exposed part
+Step time (an estimate under stated assumptions, ``Assumptions``): each stage's time on a micro-batch
+(``k2model.pipeline.layer_times``: its FLOPs at ``mfu`` of the GPU's peak bf16 FLOP/s, its activation and
+weight bytes at the HBM bandwidth; +1/3 under full recomputation), run through the 1F1B schedule (fill
+and drain plus the slowest stage's steady state: (m - 1) max_s t_s + sum_s t_s with t_s a micro-batch's
+forward and backward on stage s); the exposed part
 of the all-to-all (``1 - a2a_overlap``) and of the data-parallel reduction (``1 - dp_overlap``) at the
 intra-node (NVLink) or inter-node (network) bandwidth, whichever the group spans; Newton-Schulz FLOPs at
 the same efficiency; with offload, the optimizer state to the GPU and back over PCIe.
@@ -53,7 +55,14 @@ from k2model.activations import (
 from k2model.config import ModelConfig, OptimizerConfig, count_parameters
 from k2model.layers import RECOMPUTE_MODES
 from k2model.memory import RankMemory, memory_by_rank, stage_params
-from k2model.pipeline import bubble_fraction, layer_costs, partition_layers
+from k2model.pipeline import (
+    DeviceSpeed,
+    bubble_fraction,
+    layer_costs,
+    layer_times,
+    partition_layers,
+    stage_cut,
+)
 from k2model.zero import ShardPlan
 
 GB = 1e9
@@ -74,6 +83,8 @@ class Hardware:
     memory_gb: float
     bf16_flops: float
     """Peak dense bf16 FLOP/s."""
+    hbm_gbs: float
+    """Device memory bandwidth, GB/s."""
     nvlink_gbs: float
     """Intra-node bandwidth, GB/s each way."""
     network_gbs: float
@@ -86,12 +97,12 @@ class Hardware:
 
 
 HARDWARE = {
-    "h100": Hardware("NVIDIA H100 SXM", 80, 989e12, 450, 50, 55, 8, 2000),
-    "h200": Hardware("NVIDIA H200 SXM", 141, 989e12, 450, 50, 55, 8, 2000),
-    "h800": Hardware("NVIDIA H800 SXM", 80, 989e12, 200, 50, 55, 8, 2000),
+    "h100": Hardware("NVIDIA H100 SXM", 80, 989e12, 3350, 450, 50, 55, 8, 2000),
+    "h200": Hardware("NVIDIA H200 SXM", 141, 989e12, 4800, 450, 50, 55, 8, 2000),
+    "h800": Hardware("NVIDIA H800 SXM", 80, 989e12, 3350, 200, 50, 55, 8, 2000),
 }
-"""Defaults from the vendors' data sheets (dense bf16 peak; NVLink 4 at 900 GB/s both ways, 400 on the
-H800; one 400 Gbit/s NIC per GPU, as K2's 8 x 400 Gbps RoCE per node) and K2's nodes (2 TB of host
+"""Defaults from the vendors' data sheets (dense bf16 peak; HBM bandwidth; NVLink 4 at 900 GB/s both ways,
+400 on the H800; one 400 Gbit/s NIC per GPU, as K2's 8 x 400 Gbps RoCE per node) and K2's nodes (2 TB of host
 memory). Override any of them on the command line."""
 
 
@@ -312,6 +323,12 @@ def check_layout(job: Job, layout: Layout, gpus_per_node: int) -> None:
         raise PlanError(str(e)) from None
 
 
+def plan_stages(job: Job, layout: Layout, device_type: str = "cuda") -> list[range]:
+    """The stages the run will train (``k2model.pipeline.stage_cut``: the trainer's own cut)."""
+    return stage_cut(job.model, layout.pp, job.seq_len, layout.pp_layers, layout.micro_batch, layout.param_dtype,
+                     device_type, layout.ep)
+
+
 # ---------------------------------------------------------------------- one layout
 @lru_cache(maxsize=256)
 def _stage_states(job: Job, pp: int, ep: int, dp: int, layers: range, param_dtype: str, ns_steps: int
@@ -339,12 +356,14 @@ def plan_layout(job: Job, layout: Layout, hardware: Hardware, assumptions: Assum
     G = hardware.gpus_per_node
     check_layout(job, layout, G)
     cfg, pp, dp, ep = job.model, layout.pp, layout.dp, layout.ep
-    stages = partition_layers(cfg, pp, job.seq_len, layout.pp_layers)
+    stages = plan_stages(job, layout, device_type)
     policy = policy_of(layout.param_dtype, device_type)
     tokens_mb = layout.micro_batch * job.seq_len
     m = job.global_batch // (layout.micro_batch * dp)
     local_experts = cfg.num_experts // ep
     embed_cost, layer_cost, head_cost = layer_costs(cfg, job.seq_len)
+    speed = DeviceSpeed(hardware.bf16_flops * assumptions.mfu, hardware.hbm_gbs * GB)
+    embed_s, layer_s, head_s = layer_times(cfg, job.seq_len, layout.micro_batch, speed, policy, local_experts)
 
     plans = []
     host_per_stage = []
@@ -405,8 +424,11 @@ def plan_layout(job: Job, layout: Layout, hardware: Hardware, assumptions: Assum
         dp_s.append(dp_bytes[-1] / (dp_bw * GB))
         cost = (sum(layer_cost[i] for i in layers) + (embed_cost if s == 0 else 0.0)
                 + (head_cost if s == pp - 1 else 0.0))
-        model_flops_gpu.append(job.tokens_per_step * cost * (4 / 3 if layout.recompute == "full" else 1.0) / dp)
-        stage_s.append(model_flops_gpu[-1] / (hardware.bf16_flops * assumptions.mfu) / m)  # a micro-batch's F + B
+        recompute = 4 / 3 if layout.recompute == "full" else 1.0
+        model_flops_gpu.append(job.tokens_per_step * cost * recompute / dp)
+        seconds = (sum(layer_s[i] for i in layers) + (embed_s if s == 0 else 0.0)
+                   + (head_s if s == pp - 1 else 0.0))
+        stage_s.append(tokens_mb * seconds * recompute)  # a micro-batch's forward and backward on this stage
         ns_flops.append(max(r.newton_schulz_flops for r in _stage_states(job, pp, ep, dp, layers,
                                                                          layout.param_dtype, job.optimizer.ns_steps)))
     pipe_s = (m - 1) * max(stage_s) + sum(stage_s)

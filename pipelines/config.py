@@ -116,7 +116,7 @@ class TrainConfig:
     """Pipeline-parallel degree: stages of consecutive layers, each on num_workers / pp ranks (1F1B)."""
     pp_layers: tuple[int, ...] | None = None
     """Layers of each pipeline stage (pp counts summing to model.num_layers); None balances the stages by
-    their training FLOPs (``k2model.pipeline.partition_layers``)."""
+    their estimated time, FLOPs and memory traffic (``k2model.pipeline.stage_cut``)."""
     steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 8

@@ -24,7 +24,8 @@ Memory: parameters (train.param_dtype), fp32 gradients, the optimizer state and 
 data parallelism (ZeRO-1), activations per token times the micro-batch's tokens for each of the min(pp - s,
 m) micro-batches 1F1B keeps in flight on stage s, the optimizer step's largest temporary, and a reserve of
 2 GB + 4% of the GPU for the CUDA context, NCCL and fragmentation. Fits when that total is at most
---gpu-memory-gb. Step time: model FLOPs at --mfu of the peak through the 1F1B schedule, plus the exposed
+--gpu-memory-gb. Step time: each stage's FLOPs at --mfu of the peak and its bytes at --hbm-gbs, through the
+1F1B schedule, plus the exposed
 all-to-all (1 - --a2a-overlap) and data-parallel reduction (1 - --dp-overlap) at NVLink or network speed,
 Newton-Schulz, and PCIe copies under offload.
 
@@ -50,6 +51,7 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU, GB (10^9 bytes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs of one node")
     p.add_argument("--host-memory-gb", type=float, help="host memory of one node, GB")
+    p.add_argument("--hbm-gbs", type=float, help="GPU memory bandwidth, GB/s")
     p.add_argument("--nvlink-gbs", type=float, help="intra-node bandwidth per GPU, GB/s each way")
     p.add_argument("--network-gbs", type=float, help="inter-node bandwidth per GPU, GB/s")
     p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of one GPU")
@@ -74,7 +76,7 @@ def _hardware(args: argparse.Namespace):
 
     hw = HARDWARE[args.hardware]
     changes = {"memory_gb": args.gpu_memory_gb, "gpus_per_node": args.gpus_per_node,
-               "host_memory_gb": args.host_memory_gb, "nvlink_gbs": args.nvlink_gbs,
+               "host_memory_gb": args.host_memory_gb, "nvlink_gbs": args.nvlink_gbs, "hbm_gbs": args.hbm_gbs,
                "network_gbs": args.network_gbs,
                "bf16_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
     for flag, value in changes.items():
@@ -209,8 +211,8 @@ def render_plan(plan) -> str:
         f"data-parallel {est['data_parallel_exposed_s']:.3g} s, Newton-Schulz {est['newton_schulz_s']:.3g} s"
         + (f", offload {est['offload_s']:.3g} s" if layout.offload_optimizer else "") + ")",
         f"  assuming MFU {plan.assumptions.mfu}, {100 * plan.assumptions.a2a_overlap:g}% of the all-to-all and "
-        f"{100 * plan.assumptions.dp_overlap:g}% of the data-parallel reduction hidden, NVLink {hw.nvlink_gbs:g} "
-        f"GB/s, network {hw.network_gbs:g} GB/s, peak {hw.bf16_flops / 1e12:g} TFLOP/s",
+        f"{100 * plan.assumptions.dp_overlap:g}% of the data-parallel reduction hidden, HBM {hw.hbm_gbs:g} GB/s, "
+        f"NVLink {hw.nvlink_gbs:g} GB/s, network {hw.network_gbs:g} GB/s, peak {hw.bf16_flops / 1e12:g} TFLOP/s",
     ]
     lines += [f"note: {note}" for note in plan.notes]
     lines.append("run it with: " + " ".join(f"--set {s}" for s in layout.set_lines()))

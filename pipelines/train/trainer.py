@@ -39,7 +39,7 @@ import torch.distributed as dist
 from k2model import moe, parallel, qk_clip, schedule
 from k2model.config import flops_per_token
 from k2model.distributed import ParallelLayout, all_ranks_finite, all_reduce_
-from k2model.pipeline import PipelineRunner, partition_layers
+from k2model.pipeline import PipelineRunner, stage_cut
 from pipelines.config import RunConfig
 from pipelines.train.checkpointing import CheckpointRegistry, CheckpointWriter, ReshardSpec
 
@@ -172,7 +172,8 @@ class Trainer:
             raise ValueError(f"{layout!r} differs from train.ep={cfg.train.ep}, train.pp={cfg.train.pp}")
         self.layout = layout
         self.rank, self.world = layout.rank, layout.world_size
-        self.stages = (partition_layers(cfg.model, layout.pp, cfg.data.seq_len, cfg.train.pp_layers)
+        self.stages = (stage_cut(cfg.model, layout.pp, cfg.data.seq_len, cfg.train.pp_layers,
+                                 cfg.train.micro_batch_size, cfg.train.param_dtype, self.device.type, layout.ep)
                        if layout.pp > 1 else None)
         """The decoder layers of each pipeline stage (None without a pipeline)."""
         self.model = parallel.build_parallel_model(

@@ -13,7 +13,17 @@ import torch
 from k2model.config import flops_per_token, preset_config
 from k2model.distributed import ParallelLayout
 from k2model.model import build_model, lm_loss_of
-from k2model.pipeline import bubble_fraction, layer_costs, one_f_one_b_order, partition_layers, simulate_1f1b
+from k2model.pipeline import (
+    NOMINAL_SPEED,
+    DeviceSpeed,
+    bubble_fraction,
+    layer_costs,
+    layer_times,
+    one_f_one_b_order,
+    partition_layers,
+    simulate_1f1b,
+    stage_cut,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "k2-1t"])
@@ -56,6 +66,31 @@ def test_the_balanced_cut_is_the_cheapest_of_all_cuts(preset, pp):
                 if min(moved) >= 1:
                     assert _max_stage_cost(cfg, 1024, moved) >= best
     assert _max_stage_cost(cfg, 1024, [len(s) for s in stages]) == pytest.approx(best)
+
+
+def test_the_run_cut_prices_flops_and_bytes():
+    """``stage_cut`` balances ``layer_times``: a piece's FLOPs at the device's FLOP/s plus its bytes (kept
+    activations written and read, weights read three times a micro-batch) at its bandwidth. With bytes
+    free it is the FLOP cut; at a CPU's nominal speed ``small``'s head (one large, FLOP-bound matmul) costs
+    under 5 MoE layers where it costs 6 in FLOPs, which moves a layer to the last stage; every cut of the
+    8 layers, enumerated, is no better under the same prices."""
+    cfg = preset_config("small")
+    embed_flops, layer_flops, head_flops = layer_costs(cfg, 128)
+    free = layer_times(cfg, 128, 2, DeviceSpeed(1e11, float("inf")))
+    assert free[1] == [f / 1e11 for f in layer_flops] and free[2] == head_flops / 1e11
+    assert partition_layers(cfg, 2, 128, costs=free) == partition_layers(cfg, 2, 128) == [range(0, 7), range(7, 8)]
+    embed, layers, head = layer_times(cfg, 128, 2, NOMINAL_SPEED["cpu"])
+    assert 4 < head / layers[1] < 5 < head_flops / layer_flops[1]
+    cut = stage_cut(cfg, 2, 128, None, 2, "float32", "cpu")
+    assert cut == [range(0, 6), range(6, 8)]
+
+    def worst(counts):
+        bounds = [0, counts[0], 8]
+        return max(sum(layers[bounds[s]:bounds[s + 1]]) + (embed if s == 0 else head if s == 1 else 0)
+                   for s in range(2))
+    assert worst([6, 2]) == min(worst([k, 8 - k]) for k in range(1, 8))
+    assert stage_cut(cfg, 2, 128, [7, 1], 2, "float32", "cpu") == [range(0, 7), range(7, 8)]  # given counts
+    assert stage_cut(cfg, 1, 128, None, 2, "float32", "cpu") == [range(0, 8)]
 
 
 def test_given_layer_counts_and_impossible_cuts():
