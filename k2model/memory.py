@@ -235,13 +235,6 @@ def owned_by_rank(plan: ShardPlan, ns_steps: int = 5) -> list[_Owned]:
     return owned
 
 
-def memory_of_plan(plan: ShardPlan, buffers: int, param_dtype: torch.dtype, ns_dtype: torch.dtype,
-                   device: torch.device, slice_bytes: int = MUON_SLICE_BYTES, staged_gather: bool = False
-                   ) -> RankMemory:
-    """``rank_memory`` of the rank ``plan`` was made for (its parameters and buffer bytes given)."""
-    return memory_by_rank(plan, buffers, param_dtype, ns_dtype, device, slice_bytes, staged_gather)[plan.dp_rank]
-
-
 def memory_by_rank(plan: ShardPlan, buffers: int, param_dtype: torch.dtype, ns_dtype: torch.dtype,
                    device: torch.device, slice_bytes: int = MUON_SLICE_BYTES, staged_gather: bool = False,
                    ns_steps: int = 5) -> list[RankMemory]:

@@ -228,18 +228,6 @@ def newton_schulz_flops(rows: int, cols: int, steps: int = 5) -> int:
     return steps * (4 * m * m * n + 2 * m * m * m)
 
 
-def _matrix_shape(p: torch.Tensor) -> tuple[int, int, int]:
-    """(number of matrices, rows, cols) of a Muon parameter ``[..., rows, cols]``."""
-    rows, cols = p.shape[-2], p.shape[-1]
-    return p.numel() // (rows * cols), rows, cols
-
-
-def muon_flops(p: torch.Tensor, steps: int = 5) -> int:
-    """Newton-Schulz FLOPs of one Muon step of parameter ``p`` (all its stacked matrices)."""
-    k, rows, cols = _matrix_shape(p)
-    return k * newton_schulz_flops(rows, cols, steps)
-
-
 # ---------------------------------------------------------------------- parameter routing
 def is_local_expert(name: str) -> bool:
     """Routed-expert stacks: their replica group is the expert replica group (``k2model.zero``)."""
@@ -791,16 +779,6 @@ def _plan_of(ordered: NamedParams, muon_names: set[str], groups: tuple[int, int,
     infos = [ParamInfo(n, tuple(p.shape), n in muon_names, is_local_expert(n)) for n, p in ordered]
     return ShardPlan(infos, dp=dp, dp_rank=dp_rank, replicas=replicas, replica_rank=replica_rank,
                      bucket_numel=bucket_numel, ns_steps=ns_steps)
-
-
-def shard_plan(model: nn.Module, opt_cfg: OptimizerConfig, layout: ParallelLayout, *,
-               bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> ShardPlan:
-    """The plan ``build_optimizer(model, opt_cfg, lr, layout=layout)`` makes, without an optimizer: the
-    parameters may be on the meta device and ``layout`` without process groups (``k2model.memory``)."""
-    muon, adamw = split_params(model, opt_cfg)
-    kept = {n for n, _ in muon} | {n for n, _ in adamw}
-    ordered = [(n, p) for n, p in model.named_parameters() if n in kept]
-    return _plan_of(ordered, {n for n, _ in muon}, replica_groups(layout), bucket_numel, opt_cfg.ns_steps)
 
 
 def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig, lr: float, *, layout: ParallelLayout | None = None,
