@@ -3,7 +3,7 @@
 export of the k2model, side by side in one process.
 
 1. A ``preset`` k2model is built with the trainer's initialisation and written out by the export stage's
-   own function (``pipelines.stages.export.hf_model_files``) to a local folder; transformers loads that
+   own function (``pipelines.stages.export.write_hf_folder``) to a local folder; transformers loads that
    folder with ``from_pretrained``.
 2. Both models run one fp32 forward on the same tokens: the logits must agree, max |difference| at most
    1e-4 of max |logit| (``logits_match``).
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from benchmarks.common import parse_args, write_json
 from k2model.config import preset_config
 from k2model.model import build_model
-from pipelines.stages.export import hf_model_files
+from pipelines.stages.export import write_hf_folder
 
 LOGITS_RTOL = 1e-4
 
@@ -91,8 +91,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="k2pipe-peer-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        for name, data in hf_model_files(k2, cfg, source="benchmarks.peer").items():
-            (folder / name).write_bytes(data)
+        write_hf_folder(k2, cfg, str(folder), origin="benchmarks.peer")
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         peer, kernels = load_peer(folder, device)

@@ -1,14 +1,19 @@
 """What each stage leaves in its MLflow run: the tokenizer, the data manifest, training plots (loss, max
-attention logit per layer, expert load), the evaluation report and the exported model."""
+attention logit per layer, expert load), the evaluation report and metrics, and the export's config files
+and model card (its weights stay in storage, where the model registry points)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 from pipelines import storage, tracking
+
+EXPORT_ARTIFACTS = ("config.json", "generation_config.json", "tokenizer_config.json", "README.md",
+                    "model.safetensors.index.json")
 
 
 def _log_bytes(client, run_id: str, data: bytes, artifact_path: str) -> None:
@@ -90,10 +95,20 @@ def log_stage_artifacts(client, run_id: str, name: str, outputs: Any, result: An
         for plot_name, data in training_plots(client, run_id).items():
             _log_bytes(client, run_id, data, f"plots/{plot_name}")
     elif name == "evaluate":
-        _log_bytes(client, run_id, json.dumps(outputs.report, indent=2).encode(), "evaluation/report.json")
-        for key in ("val_loss", "val_perplexity"):
-            tracking.retry(lambda key=key: client.log_metric(run_id, f"eval/{key}", float(outputs.report[key])))
+        report = outputs.report
+        _log_bytes(client, run_id, json.dumps(report, indent=2).encode(), "evaluation/report.json")
+        _log_bytes(client, run_id, storage.read_bytes(storage.join(outputs.uri, "report.md")), "evaluation/report.md")
+        metrics = {f"eval/{key}": float(report[key]) for key in ("val_loss", "val_perplexity", "val_accuracy",
+                                                                "val_tokens") if key in report}
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, v, stamp, int(report.get("step") or 0)) for k, v in metrics.items()]
+        tracking.retry(lambda: client.log_batch(run_id, metrics=items))
     elif name == "export":
+        # The weights stay where the export wrote them (the model registry points there); the run keeps
+        # the small files that say what they are.
         for file_name in outputs.files:
-            _log_bytes(client, run_id, storage.read_bytes(storage.join(outputs.uri, file_name)),
-                       f"model/{file_name}")
+            if file_name in EXPORT_ARTIFACTS:
+                _log_bytes(client, run_id, storage.read_bytes(storage.join(outputs.uri, file_name)),
+                           f"model/{file_name}")

@@ -1,5 +1,6 @@
 """The run configuration: one typed object with the sections ``model``, ``optimizer``, ``data``, ``train``,
-``storage`` and ``tracking``, built from a named run config or YAML file plus dotted ``--set`` overrides.
+``storage``, ``tracking``, ``evaluate`` and ``export``, built from a named run config or YAML file plus dotted
+``--set`` overrides.
 
 Resolution order (later wins): the section defaults; the YAML file (``configs/<name>.yaml`` for a bare
 name such as ``ci`` or ``demo``); the overrides. ``model.preset`` picks the model's base fields and any
@@ -39,7 +40,8 @@ PARAM_DTYPES = ("float32", "bfloat16")
 MIN_TOKENIZER_VOCAB = 256 + 3
 """The smallest vocabulary of the byte-level BPE tokenizer: 256 byte symbols and 3 special tokens."""
 
-__all__ = ["ConfigError", "DataConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
+__all__ = ["ConfigError", "DataConfig", "EvaluateConfig", "ExportConfig", "RunConfig", "StorageConfig",
+           "TrackingConfig", "TrainConfig",
            "config_from_dict", "load_config"]
 
 
@@ -252,6 +254,45 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    max_tokens: int = 0
+    """Tokens of the held-out split the evaluate stage measures: 0 for all of it; otherwise a sample of
+    ``max_tokens // data.seq_len`` windows (at least one) drawn uniformly from the whole split with ``seed``
+    (never its first rows)."""
+    seed: int = 0
+    """Seed of that sample."""
+    batch_size: int = 8
+    """Windows per forward."""
+    prompts: tuple[str, ...] = ("def ", "import ", "class ", "    return ")
+    """Prompts whose greedy continuations the report shows."""
+    sample_tokens: int = 32
+    """Tokens generated per prompt (fewer if ``<eos>`` comes first)."""
+
+    def __post_init__(self) -> None:
+        need = field_checker("evaluate", self)
+        need(self.max_tokens >= 0, "max_tokens", "must be >= 0 (0: the whole held-out split)")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    max_shard_bytes: int = 5 * 10**9
+    """Largest safetensors file, bytes of tensor data (transformers' own default, 5 GB); a larger model is
+    split into ``model-0000k-of-0000n.safetensors`` files with an index."""
+    register: bool = True
+    """Register each new export as a model version in MLflow's model registry."""
+    registered_model: str | None = None
+    """Registered model name; None: ``<tracking.experiment>-<model.preset>`` (``custom`` without a preset)."""
+
+    def __post_init__(self) -> None:
+        need = field_checker("export", self)
+        need(self.max_shard_bytes > 0, "max_shard_bytes", "must be > 0")
+        need(self.registered_model is None or bool(self.registered_model.strip()), "registered_model",
+             "empty: give a name or leave it unset")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: preset_config("tiny"))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -259,6 +300,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     name: str | None = None
     """Run name; None derives one from the config."""
 
@@ -306,7 +349,7 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig,
-    "storage": StorageConfig, "tracking": TrackingConfig,
+    "storage": StorageConfig, "tracking": TrackingConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
 }
 
 

@@ -37,7 +37,7 @@ from pipelines.console import quiet_ray_logging, say
 
 STAGES = ("ingest", "tokenizer", "shard", "pretrain", "evaluate", "export")
 UPSTREAM = {"ingest": (), "tokenizer": ("ingest",), "shard": ("ingest", "tokenizer"), "pretrain": ("shard",),
-            "evaluate": ("shard", "pretrain"), "export": ("tokenizer", "pretrain")}
+            "evaluate": ("tokenizer", "shard", "pretrain"), "export": ("tokenizer", "pretrain")}
 
 
 @dataclass
@@ -72,7 +72,16 @@ class PipelineResult:
         evaluate = self.stages.get("evaluate")
         if evaluate and evaluate.outputs.get("report"):
             rep = evaluate.outputs["report"]
-            lines.append(f"  validation loss {rep['val_loss']:.4f}  perplexity {rep['val_perplexity']:.2f}")
+            what = "a seeded sample" if rep.get("sampled") else "the whole held-out split"
+            lines.append(f"  evaluation: loss {rep['val_loss']:.4f}  perplexity {rep['val_perplexity']:.2f}  "
+                         f"accuracy {rep.get('val_accuracy', float('nan')):.3f}  over {rep['val_tokens']:,} tokens "
+                         f"({what}: {rep.get('val_windows', '?')} of {rep.get('split_windows', '?')} windows)")
+        pretrain = self.stages.get("pretrain")
+        metrics = (pretrain.outputs.get("metrics") or {}) if pretrain else {}
+        if "val/loss" in metrics:
+            tokens = metrics.get("val/tokens")
+            lines.append(f"  training's last in-loop validation: loss {metrics['val/loss']:.4f}"
+                         + (f" over {int(tokens):,} tokens (train.eval_batches)" if tokens else ""))
         if self.tracking_uri:
             lines.append(f"  MLflow parent run {self.parent_run_id}; open the UI with:")
             lines.append(f"    {ui_command(self.tracking_uri)}")
@@ -125,7 +134,7 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
         try:
             tracking.retry(lambda: c.get_run(record["parent_run_id"]))
             tracking.retry(lambda: c.update_run(record["parent_run_id"], status="RUNNING"))
-            return record
+            return {**record, **registry_settings(cfg)}
         except Exception as e:
             print(f"[k2pipe] recorded MLflow runs of '{cfg.run_name}' not found ({type(e).__name__}); "
                   "creating new ones", flush=True)
@@ -170,8 +179,16 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
         stage_runs[name] = run.info.run_id
     record = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
               "stage_run_ids": stage_runs, "run_name": cfg.run_name}
+    record.update(registry_settings(cfg))
     storage.write_json(record_uri, record)
     return record
+
+
+def registry_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What ``_register_export`` needs of the config, carried in the tracking record to the stage task."""
+    e = cfg.export
+    return {"export_register": e.register,
+            "registered_model": e.registered_model or f"{cfg.tracking.experiment}-{cfg.model.preset or 'custom'}"}
 
 
 def _param_value(v: Any) -> str:
@@ -208,21 +225,27 @@ def _stage_pretrain(cfg: RunConfig, force: bool, inputs: dict[str, Any], trackin
                               tracking_uri=record.get("tracking_uri"))
 
 
-def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+def _stage_evaluate(cfg: RunConfig, force: bool, inputs: dict[str, Any], tracking_record=None):
     from pipelines.stages.evaluate import run_evaluate
 
     shard = inputs["shard"]
     pretrain = inputs["pretrain"]
-    return run_evaluate(cfg, pretrain.checkpoint_uri, shard.uri, shard, force=force,
-                        checkpoint_version=pretrain.completed_at)
+    return run_evaluate(cfg, pretrain.checkpoint_uri, shard.uri, shard, inputs["tokenizer"].path, force=force,
+                        checkpoint_version=pretrain.completed_at, step=pretrain.step)
 
 
-def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any]):
+def _stage_export(cfg: RunConfig, force: bool, inputs: dict[str, Any], tracking_record=None):
     from pipelines.stages.export import run_export
 
     pretrain = inputs["pretrain"]
+    metrics = pretrain.metrics or {}
+    facts = {"run_name": cfg.run_name, "mlflow_run_id": (tracking_record or {}).get("parent_run_id"),
+             "git_commit": git_commit(), "step": pretrain.step,
+             "tokens_trained": pretrain.step * cfg.train.global_batch_size * cfg.data.seq_len,
+             "train_loss": metrics.get("train/loss"), "val_loss": metrics.get("val/loss"),
+             "val_tokens": metrics.get("val/tokens")}
     return run_export(cfg, pretrain.checkpoint_uri, inputs["tokenizer"].path, force=force,
-                      checkpoint_version=pretrain.completed_at)
+                      checkpoint_version=pretrain.completed_at, facts=facts)
 
 
 STAGE_FUNCTIONS = {"ingest": _stage_ingest, "tokenizer": _stage_tokenizer, "shard": _stage_shard,
@@ -235,7 +258,7 @@ def run_stage(name: str, cfg: RunConfig, force: bool, record: dict[str, Any] | N
     quiet_ray_logging()  # this task's process: Ray Data's progress bars and INFO lines
     inputs = {up: out for up, (out, _) in zip(UPSTREAM[name], upstream)}
     started = time.time()
-    kwargs = {"tracking_record": record} if name == "pretrain" else {}
+    kwargs = {"tracking_record": record} if name in ("pretrain", "evaluate", "export") else {}
     if record is not None:
         c = tracking.client(record["tracking_uri"])
         tracking.retry(lambda: c.update_run(record["stage_run_ids"][name], status="RUNNING"))
@@ -284,7 +307,33 @@ def _log_stage(record: dict[str, Any], name: str, outputs: Any, result: StageRes
         from pipelines.artifacts import log_stage_artifacts
 
         log_stage_artifacts(c, run_id, name, outputs, result)
+    if name == "export" and record.get("export_register", True):
+        _register_export(c, record, outputs)
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
+
+
+def _register_export(c, record: dict[str, Any], outputs: Any) -> None:
+    """The export as a model version of the registry, pointing at its storage location, under the
+    pipeline's parent run; an export already registered (same fingerprint) adds none."""
+    from mlflow.exceptions import MlflowException
+
+    name = record["registered_model"]
+    tags = {"k2pipe.run_name": record["run_name"], "k2pipe.fingerprint": outputs.fingerprint,
+            "k2pipe.git_commit": git_commit() or "unknown"}
+    parent = record["parent_run_id"]
+    try:
+        version, created = tracking.register_model_version(c, name, outputs.uri, parent, tags)
+    except MlflowException as e:
+        # A tracking server accepts a local path as a source only inside the run's artifact folder.
+        reason = str(e).splitlines()[0][:300]
+        say(f"[k2pipe] export not registered as a model version of '{name}': {reason} (the export stays at "
+            f"{outputs.uri}; with storage.root on S3 the registry points at it)")
+        tracking.retry(lambda: c.set_tag(parent, "export.registry", f"not registered: {reason}"))
+        return
+    tracking.retry(lambda: c.set_tag(parent, "export.model_version", f"{name}/{version}"))
+    tracking.retry(lambda: c.set_tag(record["stage_run_ids"]["export"], "k2pipe.model_version", f"{name}/{version}"))
+    if created:
+        say(f"[k2pipe] registered model '{name}' version {version} -> {outputs.uri}")
 
 
 # ---------------------------------------------------------------------- driver
@@ -295,6 +344,10 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     selected = select_stages(from_stage, until)
     if selected[-1] != "ingest":  # the tokenizer stage runs (or is reused): check before any cluster time
         cfg.data.check_for_data_stages()
+    if "export" in selected:
+        from pipelines.stages.export import check_exportable
+
+        check_exportable(cfg.model)
     for name in force:
         if name not in STAGES:
             raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")
@@ -304,6 +357,9 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     record = setup_tracking(cfg)
     init_ray(cfg, ray_address)
     task = ray.remote(num_cpus=0, max_retries=0)(run_stage)
+    # Evaluation runs the model: on a GPU when the cluster has one (it starts after pretraining, whose
+    # workers hold the GPUs, have finished).
+    evaluate_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # --from S reruns S and everything after it; earlier stages are reused when complete (and computed
     # when missing, so a slice never starts from nothing). --until U stops after U.
     rerun_from = STAGES.index(from_stage) if from_stage else len(STAGES)
@@ -313,7 +369,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
         if name in ("evaluate", "export") and name not in selected:
             continue
         upstream = [refs[u] for u in UPSTREAM[name]]
-        refs[name] = task.options(name=f"k2pipe-{name}").remote(
+        refs[name] = task.options(name=f"k2pipe-{name}", num_gpus=evaluate_gpus if name == "evaluate" else 0).remote(
             name, cfg, name in force or i >= rerun_from, record, *upstream)
     results: dict[str, StageResult] = {}
     outputs: dict[str, Any] = {}

@@ -20,12 +20,14 @@ Ray Data reads and writes take ``filesystem=``: pass ``storage_options(uri)`` an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -183,6 +185,34 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with fs.open_output_stream(tmp, compression=None) as f:
             f.write(data)
+        fs.move(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def open_output(uri: str) -> Iterator[Any]:
+    """A stream to write one object piece by piece (``write_bytes`` for data that does not fit in memory
+    at once). Local files go to a temporary name, renamed when the block ends without an error, so a
+    reader never sees half a file; on S3 the stream is a multipart upload, whose object appears when it
+    completes (a failed block's partial object, if any, is deleted)."""
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        try:
+            with fs.open_output_stream(path, compression=None) as f:
+                yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.delete_file(path)
+            raise
+        return
+    parent = os.path.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:
+            yield f
         fs.move(tmp, path)
     finally:
         if os.path.exists(tmp):

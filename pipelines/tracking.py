@@ -120,3 +120,28 @@ class MetricLogger:
         for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
             chunk = batch[i:i + 900]
             retry(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+
+
+def register_model_version(c, name: str, source: str, run_id: str, tags: dict[str, str]) -> tuple[str, bool]:
+    """A version of registered model ``name`` (created if missing) whose source is ``source`` (the export's
+    storage location: nothing is copied), under run ``run_id``, with ``tags``. A version whose
+    ``k2pipe.fingerprint`` tag equals ``tags``'s already stands for this export: it is returned, nothing is
+    added. Returns (version, created)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry(lambda: c.get_registered_model(name))
+    except MlflowException:
+        try:
+            retry(lambda: c.create_registered_model(
+                name, description="Kimi-K2-style models exported by k2pipe (Hugging Face folders)"))
+        except MlflowException:
+            retry(lambda: c.get_registered_model(name))  # created meanwhile by another run
+    fingerprint = tags.get("k2pipe.fingerprint")
+    if fingerprint:
+        versions = retry(lambda: c.search_model_versions(f"name = '{name}'"))
+        for v in versions:
+            if v.tags.get("k2pipe.fingerprint") == fingerprint:
+                return str(v.version), False
+    version = retry(lambda: c.create_model_version(name, source, run_id=run_id, tags=tags))
+    return str(version.version), True

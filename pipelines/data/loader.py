@@ -172,15 +172,19 @@ class TrainBatches:
         return ids[:, :-1], ids[:, 1:]
 
 
-def eval_batches(reader: WindowReader, num_batches: int, micro_batch: int, dp_size: int, dp_rank: int
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed validation set: the first rows of the validation shards, split over data-parallel ranks."""
+def eval_batches(reader: WindowReader, num_batches: int, micro_batch: int, dp_size: int, dp_rank: int,
+                 seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed validation set for the in-loop validation: ``num_batches`` micro-batches a rank of windows
+    drawn uniformly from the whole validation split with ``seed`` (the same every evaluation, never the
+    split's first rows), in order, split over data-parallel ranks; the whole split when it is smaller."""
     total = sum(s.rows for s in reader.shards)
     rows_needed = min(total, num_batches * micro_batch * dp_size)
     per_rank = rows_needed // dp_size
     if per_rank == 0:
         return []
-    positions = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    chosen = (np.arange(total) if rows_needed >= total
+              else np.sort(np.random.default_rng(seed).choice(total, size=rows_needed, replace=False)))
+    positions = [int(p) for p in chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
     offsets = np.cumsum([0] + [s.rows for s in reader.shards])
     rows = []
     for pos in positions:

@@ -124,7 +124,8 @@ class StepMetrics(Callback):
 
 
 class Validation(Callback):
-    """The validation loss every ``eval_every`` steps (0: only at the end) and at the last step."""
+    """The validation loss every ``eval_every`` steps (0: only at the end) and at the last step, with the
+    number of tokens it measured (``val/tokens``)."""
 
     def __init__(self, eval_every: int):
         self.eval_every = eval_every
@@ -134,6 +135,7 @@ class Validation(Callback):
         due = (self.eval_every and done % self.eval_every == 0) or done == trainer.cfg.train.steps
         if due and trainer.val_batches:
             trainer.metrics["val/loss"] = trainer.evaluate()
+            trainer.metrics["val/tokens"] = float(trainer.val_tokens)
 
 
 class MetricSink(Callback):

@@ -311,16 +311,34 @@ def read_resharded(fs: pafs.FileSystem, folder: str, meta: dict[str, Any], rank:
     return state
 
 
-def load_checkpoint_model(checkpoint_uri: str, cfg: Any) -> torch.nn.Module:
-    """The whole model of run config ``cfg`` (one process, every expert) from a checkpoint of any layout,
-    read as a one-worker resume would read it: of the shards, only the model's bytes, not the optimizer
-    state."""
+def load_checkpoint_model(checkpoint_uri: str, cfg: Any, device: torch.device | str | None = None
+                          ) -> torch.nn.Module:
+    """The whole model of run config ``cfg`` (every stage, every expert) from a checkpoint of any layout, on
+    ``device`` (default CPU), in eval mode. It is built there (``build_model``: on the meta device first,
+    parameters in ``train.param_dtype``), then filled one tensor at a time, an expert stack one expert at a
+    time, from ranged reads of the rank shards: only model bytes are read, and on a GPU the CPU never holds
+    more than one such tensor."""
     from k2model.model import build_model
-    from pipelines import storage
+    from pipelines.hf_folder import CheckpointTensors
 
-    meta = storage.read_json(storage.join(checkpoint_uri, META_NAME))
-    fs, path = storage.resolve(checkpoint_uri)
-    state = read_resharded(fs, path, meta, 0, 1, 1, ReshardSpec(cfg.model.num_experts, lambda name: None))
-    model = build_model(cfg.model, seed=cfg.train.seed)
-    model.load_state_dict(state["model"], strict=True)
+    model = build_model(cfg.model, seed=cfg.train.seed, device=device,
+                        param_dtype=getattr(torch, cfg.train.param_dtype))
+    targets = model.state_dict()
+    filled: set[str] = set()
+    with torch.no_grad(), CheckpointTensors(checkpoint_uri, cfg.model.num_experts) as source:
+        for spec in source.specs:
+            name, expert = source.origin(spec.name)
+            if name not in targets:
+                raise ValueError(f"checkpoint {checkpoint_uri} holds {name!r}, which the model of this config "
+                                 "lacks: the checkpoint is of another model")
+            target = targets[name] if expert is None else targets[name][expert]
+            if tuple(target.shape) != spec.shape:
+                raise ValueError(f"checkpoint {checkpoint_uri}: {spec.name} has shape {spec.shape}, the model "
+                                 f"of this config {tuple(target.shape)}")
+            target.copy_(source.read(spec.name))
+            filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint_uri} lacks {missing[:3]} ({len(missing)} tensors): it is "
+                         "incomplete or of another model")
     return model.eval()

@@ -186,6 +186,8 @@ class Trainer:
         self.grad_sync = parallel.GradientSync(self.model, layout, self.optimizer.plan)
         self.batches = batches
         self.val_batches = val_batches
+        self.val_tokens = 0
+        """Tokens the last ``evaluate`` measured, all ranks together."""
         self.callbacks: list[Callback] = []
         """Run by ``fit()`` in this order (``pipelines.train.callbacks.standard_callbacks`` builds a run's)."""
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp_size)
@@ -357,6 +359,7 @@ class Trainer:
                 total[1] += targets.numel()
         self.model.train()
         all_reduce_(total, name="validation loss")
+        self.val_tokens = int(total[1])
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 

@@ -83,7 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = DeterministicSampler(train_shards, t.seed, t.global_batch_size, layout.dp_size, layout.dp_rank,
                                    t.micro_batch_size, t.shuffle_shards)
     val = eval_batches(WindowReader(val_shards, cfg.data.seq_len), t.eval_batches, t.micro_batch_size,
-                       layout.dp_size, layout.dp_rank) if val_shards else []
+                       layout.dp_size, layout.dp_rank, seed=t.seed) if val_shards else []
     trainer = Trainer(cfg, TrainBatches(sampler, reader), val, device, layout=layout)
 
     storage = ctx.get_storage()

@@ -93,8 +93,28 @@ def test_mlflow_has_one_parent_with_stage_runs_metrics_and_artifacts(pipeline_ru
         assert c.get_metric_history(pretrain.info.run_id, key), key
     artifacts = {a.path for a in c.list_artifacts(pretrain.info.run_id, "plots")}
     assert {"plots/loss.png", "plots/max_logit.png", "plots/expert_load.png"} <= artifacts
+    assert c.get_metric_history(pretrain.info.run_id, "val/tokens")[-1].value == (
+        cfg.train.eval_batches * cfg.train.micro_batch_size * cfg.train.num_workers * cfg.data.seq_len)
+    evaluate_run = next(r for r in stages if r.data.tags["k2pipe.stage"] == "evaluate")
+    report = first.stages["evaluate"].outputs["report"]
+    for key in ("val_loss", "val_perplexity", "val_accuracy", "val_tokens"):
+        assert evaluate_run.data.metrics[f"eval/{key}"] == pytest.approx(report[key]), key
+    assert {"evaluation/report.json", "evaluation/report.md"} <= {
+        a.path for a in c.list_artifacts(evaluate_run.info.run_id, "evaluation")}
+
+    # The export: its config and card as artifacts, its weights left in storage, where the registry points.
     export_run = next(r for r in stages if r.data.tags["k2pipe.stage"] == "export")
-    assert {a.path for a in c.list_artifacts(export_run.info.run_id, "model")} >= {"model/model.safetensors"}
+    logged = {a.path for a in c.list_artifacts(export_run.info.run_id, "model")}
+    assert {"model/config.json", "model/README.md", "model/generation_config.json"} <= logged
+    assert not any(p.endswith(".safetensors") for p in logged), "weights are not copied into artifacts"
+    name = f"{cfg.tracking.experiment}-tiny"
+    versions = c.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1, "three runs of one export (the last forced): one version"
+    version = versions[0]
+    assert version.source == first.stages["export"].uri and version.run_id == parent.info.run_id
+    assert version.tags["k2pipe.fingerprint"] == first.stages["export"].fingerprint
+    assert version.tags["k2pipe.run_name"] == "ci-dag" and version.tags["k2pipe.git_commit"]
+    assert c.get_run(parent.info.run_id).data.tags["export.model_version"] == f"{name}/{version.version}"
     record = json.loads((work / "k2runs" / "runs" / "ci-dag" / "tracking.json").read_text())
     assert record["parent_run_id"] == parent.info.run_id
 

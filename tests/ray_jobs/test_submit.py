@@ -331,10 +331,19 @@ def test_submitted_run_lands_in_s3_and_mlflow(stack):
     report_key = next(k for k in keys if re.fullmatch(r"k2/stages/evaluate/[0-9a-f]+/report\.json", k))
     report = json.loads(stack["s3"].get_object(Bucket=stack["bucket"], Key=report_key)["Body"].read())
     assert stages["evaluate"]["metrics"]["eval/val_loss"] == pytest.approx(report["val_loss"])
+    assert stages["evaluate"]["metrics"]["eval/val_tokens"] == report["val_tokens"]
     export_run = stages["export"]["info"]["run_id"]
     listed = stack["mlflow"].api("GET", "artifacts/list", run_id=export_run, path="model")
-    assert {f["path"] for f in listed["files"]} >= {"model/model.safetensors", "model/config.json"}
-    assert any(k.endswith(f"{export_run}/artifacts/model/model.safetensors") for k in s3_keys(stack, "mlflow/"))
+    assert {f["path"] for f in listed["files"]} >= {"model/config.json", "model/README.md"}
+    assert any(k.endswith(f"{export_run}/artifacts/model/config.json") for k in s3_keys(stack, "mlflow/"))
+    assert not any(k.endswith(".safetensors") for k in s3_keys(stack, "mlflow/")), "weights stay in the export"
+
+    # The registry: one version of k2pipe-tiny under the parent run, pointing at the export in S3.
+    export_uri = "s3://{}/{}".format(stack["bucket"], export_key.rsplit("/", 1)[0])
+    versions = stack["mlflow"].api("GET", "model-versions/search", filter="name = 'k2pipe-tiny'")["model_versions"]
+    assert [(v["source"], v["run_id"]) for v in versions] == [(export_uri, record["parent_run_id"])]
+    tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+    assert tags["k2pipe.run_name"] == "ci-job" and tags["k2pipe.fingerprint"] == export_key.split("/")[-2]
 
     stack["ci_job"] = {"record": record, "checkpoints": checkpoint_folders(stack, "ci-job"), "history": history}
 
@@ -350,6 +359,8 @@ def test_resubmitting_a_finished_run_recomputes_nothing(stack):
     stages = stage_runs(mlflow_runs(stack, "ci-job"))
     assert {name: r["tags"]["k2pipe.status"] for name, r in stages.items()} == dict.fromkeys(stages, "reused")
     assert loss_history(stack, stages["pretrain"]["info"]["run_id"]) == before["history"]
+    versions = stack["mlflow"].api("GET", "model-versions/search", filter="name = 'k2pipe-tiny'")["model_versions"]
+    assert len(versions) == 1, "a reused export adds no model version"
 
 
 @pytest.mark.slow

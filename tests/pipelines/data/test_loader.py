@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipelines.data.loader import DeterministicSampler, ShardRef, TrainBatches, WindowReader, eval_batches
 
@@ -90,8 +91,15 @@ def test_bad_shapes_are_reported(tmp_path):
         DeterministicSampler(refs, seed=0, global_batch=6, dp_size=4, dp_rank=0, micro_batch=1)
 
 
-def test_eval_batches_split_over_ranks(tmp_path):
+def test_eval_batches_are_a_seeded_sample_of_the_whole_split_split_over_ranks(tmp_path):
     refs = make_shards(tmp_path, [10, 10])
-    per_rank = [eval_batches(WindowReader(refs, SEQ), 2, 3, 2, r) for r in range(2)]
+    per_rank = [eval_batches(WindowReader(refs, SEQ), 2, 3, 2, r, seed=5) for r in range(2)]
+    assert [len(batches) for batches in per_rank] == [2, 2]
     ids = [np.concatenate([b[0][:, 0].numpy() for b in batches]).tolist() for batches in per_rank]
-    assert ids[0] == list(range(0, 6)) and ids[1] == list(range(6, 12))
+    chosen = sorted(np.random.default_rng(5).choice(20, size=12, replace=False).tolist())
+    assert ids[0] + ids[1] == chosen, "rank 0 the first half of the sorted sample, rank 1 the second"
+    assert chosen != list(range(12)), "not the split's first rows"
+    again = eval_batches(WindowReader(refs, SEQ), 2, 3, 2, 0, seed=5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, per_rank[0])), "the same set every evaluation"
+    whole = eval_batches(WindowReader(refs, SEQ), 8, 5, 1, 0, seed=5)  # asks for more than the split
+    assert np.concatenate([b[0][:, 0].numpy() for b in whole]).tolist() == list(range(20))

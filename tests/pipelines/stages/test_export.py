@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from k2model.config import RopeScaling
+from k2model.generate import greedy_decode
 from pipelines.config import load_config
-from pipelines.stages.export import hf_model_files, hf_tokenizer_files
+from pipelines.stages.export import hf_tokenizer_files, write_hf_folder
 from pipelines.stages.tokenizer import TextTokenizer, train_bpe
 from pipelines.train.trainer import Trainer
 
@@ -50,16 +51,7 @@ def _trained(*overrides: str):
 
 def _export(tmp_path, cfg, model, tokenizer_json):
     tokenizer_files, ids = hf_tokenizer_files(tokenizer_json)
-    for name, data in {**hf_model_files(model, cfg.model, "test", ids), **tokenizer_files}.items():
-        (tmp_path / name).write_bytes(data)
-    return ids
-
-
-def _greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
-    for _ in range(new):
-        with torch.no_grad():
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
+    write_hf_folder(model, cfg.model, str(tmp_path), files=tokenizer_files, special_ids=ids, origin="test")
     return ids
 
 
@@ -88,7 +80,7 @@ def test_stock_transformers_loads_the_export_and_computes_the_same_logits(tmp_pa
     assert float((ours - theirs).abs().max()) <= 1e-4 * float(ours.abs().max()), variant
     prompt = tokens[:1, :8]
     generated = hf.generate(prompt, max_new_tokens=5, do_sample=False)
-    assert torch.equal(generated, _greedy(model, prompt, 5)), variant
+    assert torch.equal(generated, greedy_decode(model, prompt, 5)), variant
 
 
 def test_auto_tokenizer_encodes_as_the_pipeline_does(tmp_path, tokenizer_json):
