@@ -83,6 +83,53 @@ def training_plots(client, run_id: str) -> dict[str, bytes]:
     return plots
 
 
+def snapshot_files(detail: dict[str, Any], tau: float | None) -> dict[str, bytes]:
+    """A ``Trainer.detail`` snapshot as artifacts of the pretrain run, named by its step: the arrays in one
+    compressed ``.npz`` (``max_logits`` [layers, heads], ``expert_load`` [MoE layers, experts], ``step``) and
+    two heatmaps: max logits (layers x heads, with ``tau`` marked on the colour bar) and each expert's load
+    over its layer's mean (layers x experts; 1 is perfect balance)."""
+    import io
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = int(detail["step"])
+    logits = detail["max_logits"].double().numpy()
+    load = detail["expert_load"].double().numpy()
+    stem = f"stats/step-{step:08d}"
+    buf = io.BytesIO()
+    np.savez_compressed(buf, max_logits=logits, expert_load=load, step=np.array(step))
+    files = {f"{stem}.npz": buf.getvalue()}
+
+    def heatmap(values, title: str, xlabel: str, ylabel: str, label: str, name: str, mark: float | None = None,
+                first_row: int = 0) -> None:
+        fig, ax = plt.subplots(figsize=(min(14, 3 + 0.08 * values.shape[1]), min(10, 2 + 0.15 * values.shape[0])))
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis",
+                          extent=(-0.5, values.shape[1] - 0.5, first_row + values.shape[0] - 0.5, first_row - 0.5))
+        bar = fig.colorbar(image, ax=ax, label=label)
+        if mark is not None and np.nanmin(values) <= mark <= np.nanmax(values):
+            bar.ax.axhline(mark, color="red", linewidth=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, step {step}")
+        out = io.BytesIO()
+        fig.savefig(out, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        files[f"{stem}-{name}.png"] = out.getvalue()
+
+    finite = np.where(np.isfinite(logits), logits, np.nan)
+    heatmap(finite, "max pre-softmax logit per head" + (f" (tau {tau:g} in red)" if tau else ""), "head", "layer",
+            "max logit", "max_logits", mark=tau)
+    if load.size:
+        mean = load.mean(axis=1, keepdims=True)
+        heatmap(load / np.where(mean > 0, mean, 1.0), "expert load / layer mean", "expert", "layer",
+                "load / mean", "expert_load", first_row=int(detail.get("first_moe_layer", 0)))
+    return files
+
+
 def log_stage_artifacts(client, run_id: str, name: str, outputs: Any, result: Any) -> None:
     if outputs is None:
         return

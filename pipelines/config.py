@@ -173,6 +173,10 @@ class TrainConfig:
     per process (tests of the non-finite-step handling only)."""
     log_every: int = 10
     """Steps between metric logs."""
+    stats_every: int = 100
+    """Steps between snapshots of the per-head max logits and per-expert loads (arrays and heatmaps as
+    artifacts of the pretrain run, ``stats/``); 0: only at the end. The metrics carry per-layer aggregates
+    every ``log_every`` steps."""
     eval_every: int = 50
     """Steps between validation losses; 0: only at the end."""
     eval_batches: int = 4
@@ -199,7 +203,7 @@ class TrainConfig:
         for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("checkpoint_every", "eval_every", "max_failures", "warmup_steps"):
+        for name in ("checkpoint_every", "eval_every", "stats_every", "max_failures", "warmup_steps"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         need(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")

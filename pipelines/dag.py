@@ -165,6 +165,7 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
             tracking.retry(lambda chunk=items[i:i + 90]: c.log_batch(parent_id, params=chunk))
         tracking.retry(lambda: c.log_text(parent_id, json.dumps(cfg.to_dict(), indent=2, default=str),
                                           "config/run_config.json"))
+    tracking.retry(lambda: c.set_tag(parent_id, "mlflow.note.content", run_description(cfg)))
     stage_runs = {}
     for name in STAGES:
         found = tracking.retry(lambda name=name: c.search_runs(
@@ -182,6 +183,27 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
     record.update(registry_settings(cfg))
     storage.write_json(record_uri, record)
     return record
+
+
+UNDESCRIBED_KEYS = ("storage.root", "tracking.uri", "tracking.experiment", "name")
+
+
+def run_description(cfg: RunConfig) -> str:
+    """The parent run's description in the MLflow UI: the model, the layout, the budget, and every setting
+    that differs from the defaults of its preset."""
+    from k2model.config import count_parameters
+    from pipelines.config import load_config
+
+    m, t = cfg.model, cfg.train
+    pc = count_parameters(m)
+    defaults = load_config(None, [f"model.preset={m.preset}"] if m.preset else []).flat()
+    differing = [f"`{k}={_param_value(v)}`" for k, v in cfg.flat().items()
+                 if k not in UNDESCRIBED_KEYS and defaults.get(k) != v]
+    dp = t.num_workers // t.pp
+    return (f"**{m.preset or 'custom'}** ({pc.total / 1e6:,.1f}M parameters, {pc.active / 1e6:,.1f}M active), "
+            f"{t.num_workers} worker(s): pp {t.pp} x dp {dp} (ep {t.ep}); {t.steps} steps of "
+            f"{t.global_batch_size} x {cfg.data.seq_len} tokens; optimizer {cfg.optimizer.name}.\n\n"
+            f"Differs from the defaults: {', '.join(differing) if differing else 'nothing'}.")
 
 
 def registry_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -354,6 +376,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     root = storage.normalize_uri(cfg.storage.root)
     cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=root),
                               name=cfg.run_name)
+    started = time.time()
     record = setup_tracking(cfg)
     init_ray(cfg, ray_address)
     task = ray.remote(num_cpus=0, max_retries=0)(run_stage)
@@ -384,6 +407,11 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
         say(f"[k2pipe] stage {i}/{len(refs)} {name:<10} {r.status}" + (f" in {r.seconds:.1f} s" if r.seconds else ""))
     if record is not None:
         c = tracking.client(record["tracking_uri"])
+        ran = any(r.status == "ran" for r in results.values())
+        try:
+            log_headline(c, record, cfg, outputs, time.time() - started if ran else None)
+        except Exception as e:  # the summary must not fail a run whose stages succeeded
+            say(f"[k2pipe] headline metrics not logged on the parent run: {type(e).__name__}: {e}")
         status = "FAILED" if failure else "FINISHED"
         tracking.retry(lambda: c.set_terminated(record["parent_run_id"], status=status))
     pipeline = PipelineResult(run_name=cfg.run_name, storage_root=root,
@@ -393,6 +421,56 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     if failure is not None:
         raise PipelineError(pipeline, failure)
     return pipeline
+
+
+HEADLINE_METRICS = ("final/train_loss", "final/val_loss", "final/val_perplexity", "final/val_accuracy",
+                    "final/tokens_trained", "final/tokens_per_s", "final/mfu", "final/max_logit",
+                    "final/heads_clipped", "final/load_imbalance", "final/train_s", "final/wall_s")
+"""What the parent run of a pipeline carries, so runs compare in the MLflow runs table without expanding."""
+
+
+def headline_metrics(c, cfg: RunConfig, outputs: dict[str, Any], wall_s: float | None,
+                     pretrain_run_id: str | None = None) -> dict[str, float]:
+    """The run's headline figures from its stages' outputs and the pretrain run's metric history:
+    final training loss (mean of the last logging window) and the evaluate stage's loss, perplexity and
+    accuracy; tokens trained; tokens/s and MFU (means over the logged steps); the worst max logit of any
+    logged step; heads clipped over the whole run; the last load imbalance; seconds in training steps
+    (``final/train_s``, resumes included) and this invocation's wall time when it ran a stage."""
+    out: dict[str, float] = {}
+    pretrain = outputs.get("pretrain")
+    if pretrain is not None:
+        m = pretrain.metrics or {}
+        out["final/tokens_trained"] = float(pretrain.step * cfg.train.global_batch_size * cfg.data.seq_len)
+        for key, name in (("train/loss", "final/train_loss"), ("qk_clip/heads_clipped_total", "final/heads_clipped"),
+                          ("moe/load_imbalance", "final/load_imbalance"), ("train/seconds_total", "final/train_s")):
+            if key in m:
+                out[name] = float(m[key])
+        run_id = pretrain_run_id
+        if run_id:
+            def history(key: str) -> list[float]:
+                return [p.value for p in tracking.retry(lambda: c.get_metric_history(run_id, key))]
+
+            for key, name, reduce in (("train/tokens_per_s", "final/tokens_per_s", "mean"),
+                                      ("train/mfu", "final/mfu", "mean"), ("attn/max_logit", "final/max_logit", "max")):
+                values = history(key)
+                if values:
+                    out[name] = max(values) if reduce == "max" else sum(values) / len(values)
+    evaluate = outputs.get("evaluate")
+    if evaluate is not None:
+        rep = evaluate.report
+        for key in ("val_loss", "val_perplexity", "val_accuracy"):
+            if key in rep:
+                out[f"final/{key}"] = float(rep[key])
+    if wall_s is not None:
+        out["final/wall_s"] = float(wall_s)
+    return out
+
+
+def log_headline(c, record: dict[str, Any], cfg: RunConfig, outputs: dict[str, Any], wall_s: float | None) -> None:
+    """``headline_metrics`` on the parent run at the trained step, each only where it changed."""
+    pretrain = outputs.get("pretrain")
+    metrics = headline_metrics(c, cfg, outputs, wall_s, record["stage_run_ids"].get("pretrain"))
+    tracking.log_latest(c, record["parent_run_id"], metrics, int(pretrain.step) if pretrain is not None else 0)
 
 
 class PipelineError(RuntimeError):

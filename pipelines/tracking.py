@@ -74,20 +74,48 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""The experiment kind the MLflow UI (3.x) opens on its model-training view for (else the GenAI view)."""
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if missing, marked as model training for the UI."""
     c = client(tracking_uri)
     exp = retry(lambda: c.get_experiment_by_name(name))
-    if exp is not None:
-        return exp.experiment_id
-    artifact_root = default_artifact_root(tracking_uri)
-    try:
-        return retry(lambda: c.create_experiment(name, artifact_location=artifact_root))
-    except Exception:
-        # Another process created it first.
+    if exp is None:
+        artifact_root = default_artifact_root(tracking_uri)
+        try:
+            retry(lambda: c.create_experiment(name, artifact_location=artifact_root,
+                                              tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}))
+        except Exception:
+            pass  # another process created it first
         exp = retry(lambda: c.get_experiment_by_name(name))
         if exp is None:
-            raise
-        return exp.experiment_id
+            raise RuntimeError(f"MLflow experiment {name!r} at {tracking_uri} could not be created")
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        retry(lambda: c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND))
+    return exp.experiment_id
+
+
+def log_latest(c, run_id: str, metrics: dict[str, float], step: int) -> dict[str, float]:
+    """Log ``metrics`` at ``step`` where the run's latest value differs (a rerun that changes nothing logs
+    nothing, so no series gains a duplicate point); returns what was logged."""
+    import math
+
+    from mlflow.entities import Metric
+
+    current = retry(lambda: c.get_run(run_id)).data.metrics
+    def same(key: str, value: float) -> bool:
+        old = current.get(key)
+        return old is not None and (math.isclose(old, value, rel_tol=1e-12, abs_tol=0)
+                                    or (math.isnan(old) and math.isnan(value)))
+
+    new = {k: float(v) for k, v in metrics.items() if v is not None and not same(k, float(v))}
+    if new:
+        now = int(time.time() * 1000)
+        retry(lambda: c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in new.items()]))
+    return new
 
 
 class MetricLogger:
@@ -112,6 +140,21 @@ class MetricLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         retry(lambda: self.client.set_tag(self.run_id, key, value))
+
+    def log_files(self, step: int, files: dict[str, bytes] | Callable[[], dict[str, bytes]]) -> None:
+        """Artifacts of ``step`` (path in the run: bytes; or a function making them), skipped like metrics
+        at steps already logged, so a resumed run does not log them twice."""
+        if step <= self.logged_through:
+            return
+        import tempfile
+
+        for path, data in (files() if callable(files) else files).items():
+            folder, _, name = path.rpartition("/")
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, name)
+                with open(local, "wb") as f:
+                    f.write(data)
+                retry(lambda local=local, folder=folder: self.client.log_artifact(self.run_id, local, folder or None))
 
     def flush(self) -> None:
         if not self._buffer:

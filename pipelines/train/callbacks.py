@@ -118,7 +118,8 @@ class StepMetrics(Callback):
             "train/lm_loss": sum(r.lm_loss for r in applied) / len(applied), "train/lr": result.lr,
             "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens / seconds,
             "train/mfu": tokens / seconds * trainer.flops_per_token / (self.peak_flops * trainer.world),
-            "train/skipped_steps": float(trainer.skipped_total), **result.extra,
+            "train/skipped_steps": float(trainer.skipped_total), "train/seconds_total": trainer.train_seconds,
+            **result.extra,
         })
         self.window = []
 
@@ -136,6 +137,19 @@ class Validation(Callback):
         if due and trainer.val_batches:
             trainer.metrics["val/loss"] = trainer.evaluate()
             trainer.metrics["val/tokens"] = float(trainer.val_tokens)
+
+
+class StatsSnapshots(Callback):
+    """Each new ``Trainer.detail`` snapshot (per-head max logits, per-expert loads) to ``log(step,
+    detail)`` on rank 0."""
+
+    def __init__(self, log: Callable[[int, dict[str, Any]], None] | None):
+        self.log = log
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        detail = trainer.detail
+        if self.log is not None and trainer.rank == 0 and detail is not None and detail["step"] == trainer.global_step:
+            self.log(trainer.global_step, detail)
 
 
 class MetricSink(Callback):
@@ -169,7 +183,8 @@ class Checkpointing(Callback):
         self.writer.poll_and_register(final=False)
         done = trainer.global_step
         if done == trainer.cfg.train.steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
-            self.writer.start(done, trainer.state_dict(), {"train/loss": result.loss, "step": done})
+            # The step's logged figures travel with the checkpoint: the last one's are the run's final ones.
+            self.writer.start(done, trainer.state_dict(), {"train/loss": result.loss, **trainer.metrics, "step": done})
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self.writer.poll_and_register(final=True)
@@ -195,7 +210,8 @@ def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any]
 
 def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops: float,
                        log: Callable[[int, dict[str, float]], None] | None = None,
-                       flush: Callable[[], None] | None = None) -> list[Callback]:
+                       flush: Callable[[], None] | None = None,
+                       log_stats: Callable[[int, dict[str, Any]], None] | None = None) -> list[Callback]:
     """The callbacks of a pretraining run, in hook order, configured from ``trainer.cfg.train``."""
     t = trainer.cfg.train
     return [
@@ -205,5 +221,6 @@ def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops
         StepMetrics(t.log_every, peak_flops),
         Validation(t.eval_every),
         MetricSink(log, flush),
+        StatsSnapshots(log_stats),
         Checkpointing(writer, t.checkpoint_every),
     ]

@@ -61,6 +61,23 @@ def math_signature(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(sig, default=str))
 
 
+def logged_metric_names(cfg: RunConfig) -> list[str]:
+    """Every metric series a pretraining run logs (besides MLflow's ``system/`` metrics): the step's
+    figures, per layer the max logit and, under QK-Clip, the share of heads clipped, and the validation's.
+    The per-head and per-expert figures are snapshots (``Trainer.detail``), not series, so the count grows
+    with the layers only."""
+    m, o = cfg.model, cfg.optimizer
+    names = ["train/loss", "train/lm_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+             "train/skipped_steps", "train/seconds_total", "attn/max_logit",
+             *(f"attn/max_logit_layer{i}" for i in range(m.num_layers))]
+    if o.uses_qk_clip:
+        names += ["qk_clip/heads_clipped", "qk_clip/heads_clipped_total",
+                  *(f"qk_clip/clipped_share_layer{i}" for i in range(m.num_layers))]
+    if m.num_moe_layers:
+        names += ["moe/load_imbalance", "moe/router_bias_range"]
+    return names + ["val/loss", "val/tokens"]
+
+
 @dataclass
 class StepResult:
     step: int
@@ -205,6 +222,13 @@ class Trainer:
         another ``world_size`` or ``ep``)."""
         self.bad_streak = 0
         self.skipped_total = 0
+        self.clipped_total = 0
+        """Heads QK-Clip rescaled, summed over every step of the run (resumes included)."""
+        self.train_seconds = 0.0
+        """Seconds spent in steps over the whole run (resumes included; restarts and checkpoint waits not)."""
+        self.detail: dict[str, Any] | None = None
+        """The last snapshot of the whole model's per-head max logits ``[layers, heads]`` and per-expert
+        loads ``[MoE layers, experts]`` (every ``train.stats_every`` steps and at the last), with its step."""
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.poison_loss = False
@@ -221,6 +245,8 @@ class Trainer:
             "run_history": self.run_history,
             "bad_streak": self.bad_streak,
             "skipped_total": self.skipped_total,
+            "clipped_total": self.clipped_total,
+            "train_seconds": self.train_seconds,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -233,6 +259,8 @@ class Trainer:
                              "pp": self.cfg.train.pp}]
         self.bad_streak = int(state["bad_streak"])
         self.skipped_total = int(state.get("skipped_total", 0))
+        self.clipped_total = int(state.get("clipped_total", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -277,6 +305,7 @@ class Trainer:
             self.skipped_total += 1
             result = StepResult(self.global_step, loss, lm_loss, norm, lr, True,
                                 self.tokens_per_step, time.perf_counter() - t0)
+            self.train_seconds += result.seconds
             self.global_step += 1
             return result
         self.bad_streak = 0
@@ -286,6 +315,7 @@ class Trainer:
         extra = self._post_step()
         result = StepResult(self.global_step, loss, lm_loss, norm, lr, False, self.tokens_per_step,
                             time.perf_counter() - t0, extra)
+        self.train_seconds += result.seconds
         self.global_step += 1
         return result
 
@@ -321,15 +351,40 @@ class Trainer:
             all_reduce_(max_logits, dist.ReduceOp.MAX, layout.pp_group, name="max logits of every stage")
             all_reduce_(moe_stats, dist.ReduceOp.MAX, layout.pp_group, name="MoE statistics of every stage")
             all_reduce_(clipped, group=layout.pp_group, name="heads clipped in every stage")
-        if cfg.optimizer.uses_qk_clip:
-            extra["qk_clip/heads_clipped"] = float(clipped)
+        # Metrics grow with the layers, not the heads or experts: per layer the max logit and the share
+        # of heads clipped; the per-head and per-expert figures go to snapshots (``detail``).
         extra["attn/max_logit"] = float(max_logits.max())
         for i, v in enumerate(max_logits.amax(dim=1).tolist()):
             extra[f"attn/max_logit_layer{i}"] = v
+        if cfg.optimizer.uses_qk_clip:
+            self.clipped_total += int(clipped)
+            extra["qk_clip/heads_clipped"] = float(clipped)
+            extra["qk_clip/heads_clipped_total"] = float(self.clipped_total)
+            shares = (max_logits > cfg.optimizer.qk_clip_tau).double().mean(dim=1).tolist()
+            for i, v in enumerate(shares):
+                extra[f"qk_clip/clipped_share_layer{i}"] = v
+        done, t = self.global_step + 1, cfg.train
+        if done == t.steps or (t.stats_every and done % t.stats_every == 0):
+            self.detail = {"step": done, "max_logits": max_logits.float().cpu(),
+                           "expert_load": self._whole_expert_load(load).cpu(),
+                           "first_moe_layer": cfg.model.first_k_dense}
         if cfg.model.num_moe_layers:
             extra["moe/load_imbalance"] = float(moe_stats[0])
             extra["moe/router_bias_range"] = float(moe_stats[1] + moe_stats[2])  # max - min, in fp32
         return extra
+
+    def _whole_expert_load(self, load: torch.Tensor) -> torch.Tensor:
+        """``[MoE layers, experts]`` tokens routed to each expert over the whole model, from this stage's
+        rows ``load`` (summed over the stage's ranks already), put together over the pipeline group."""
+        m = self.cfg.model
+        whole = torch.zeros(m.num_moe_layers, m.num_experts, dtype=torch.float64, device=self.device)
+        stage = self.model.stage_layers
+        first = max(stage.start, m.first_k_dense) - m.first_k_dense
+        if load.numel():
+            whole[first:first + load.shape[0]] = load.to(whole)
+        if self.layout.pp > 1:
+            all_reduce_(whole, group=self.layout.pp_group, name="expert loads of every stage")
+        return whole
 
     def fit(self) -> None:
         """Steps until ``train.steps``, with the callbacks' hooks around each."""

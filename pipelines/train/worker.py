@@ -107,9 +107,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.set_tag("k2pipe.ns_dtype", trainer.optimizer.ns_dtype)
     peak_flops = measure_matmul_flops(torch.bfloat16 if device.type == "cuda" else torch.float32,
                                       device=device.type)
+    log_stats = None
+    if logger is not None:
+        from pipelines.artifacts import snapshot_files
+
+        tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.uses_qk_clip else None
+
+        def log_stats(step: int, detail: dict[str, Any]) -> None:
+            logger.log_files(step, lambda: snapshot_files(detail, tau))
+
     trainer.callbacks = callbacks.standard_callbacks(
         trainer, writer, peak_flops=peak_flops, log=logger.log if logger else None,
-        flush=logger.flush if logger else None)
+        flush=logger.flush if logger else None, log_stats=log_stats)
     try:
         trainer.fit()
     finally:

@@ -417,14 +417,21 @@ def test_list_status_and_compare(stack, tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in report["runs"]}
     assert list(rows) == ["ci-job", "resume-job"]
-    assert rows["ci-job"]["params"] == {"model.preset": "tiny", "train.steps": "12", "train.lr": "0.003",
-                                        "optimizer.name": "muonclip", "train.global_batch_size": "8"}
+    expected = {"model.preset": "tiny", "train.steps": "12", "train.lr": "0.003", "optimizer.name": "muonclip",
+                "train.global_batch_size": "8"}
+    assert {k: rows["ci-job"]["params"][k] for k in expected} == expected
     assert rows["resume-job"]["params"]["train.steps"] == str(RESUME_STEPS)
+    assert "train.steps" in report["differing_params"] and "model.preset" not in report["differing_params"]
     for row in rows.values():
         assert row["status"] == "FINISHED" and row["train_loss"] == row["loss_curve"][-1][1]
+        assert row["headline"]["final/train_loss"] == row["train_loss"]
+        assert row["max_logit_curve"] and [s for s, _ in row["max_logit_curve"]] == [s for s, _ in row["loss_curve"]]
     assert [step for step, _ in rows["resume-job"]["loss_curve"]] == list(range(10, RESUME_STEPS + 1, 10))
     assert rows["ci-job"]["val_loss"] > 0 and rows["resume-job"]["val_loss"] is None  # it ran --until pretrain
+    assert rows["ci-job"]["headline"]["final/val_loss"] == pytest.approx(rows["ci-job"]["val_loss"])
+    assert "final/val_loss" not in rows["resume-job"]["headline"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(["compare", "--tracking-uri", stack["mlflow"].uri, "--out", str(png)]) == 0
+    assert cli.main(["compare", "ci-job", "resume-job", "--tracking-uri", stack["mlflow"].uri, "--out", str(png)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:2] == ["run", "status"] and {line.split()[0] for line in table[1:3]} == set(rows)
+    assert table[0].split() == ["ci-job", "resume-job"] and table[1].split() == ["status", "FINISHED", "FINISHED"]
+    assert re.search(r"^train\.steps\s+12\s+" + str(RESUME_STEPS) + "$", "\n".join(table), re.MULTILINE)
