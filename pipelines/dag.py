@@ -122,8 +122,9 @@ def ray_job_id() -> str | None:
 
 
 # ---------------------------------------------------------------------- tracking runs
-def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
-    """Create (or find again) the parent run and one nested run per stage; record their ids."""
+def setup_tracking(cfg: RunConfig, nest_under: str | None = None) -> dict[str, Any] | None:
+    """Create (or find again) the parent run and one nested run per stage; record their ids. ``nest_under``:
+    the run the parent nests under (a sweep's parent run)."""
     if not cfg.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -147,6 +148,7 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
     job = ray_job_id()
     if job:
         tags["k2pipe.ray_job_id"] = job
+    parent_tags = {"mlflow.parentRunId": nest_under} if nest_under else {}
     # A previous parent run of this run name (tracking.json lost or another storage): reuse it.
     existing = tracking.retry(lambda: c.search_runs(
         [experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.run_name}' and "
@@ -154,8 +156,8 @@ def setup_tracking(cfg: RunConfig) -> dict[str, Any] | None:
     if existing:
         parent_id = existing[0].info.run_id
     else:
-        parent = tracking.retry(lambda: c.create_run(experiment_id, tags={**tags, "k2pipe.kind": "pipeline"},
-                                                     run_name=cfg.run_name))
+        parent = tracking.retry(lambda: c.create_run(
+            experiment_id, tags={**tags, **parent_tags, "k2pipe.kind": "pipeline"}, run_name=cfg.run_name))
         parent_id = parent.info.run_id
         params = tracking.redact({k: _param_value(v) for k, v in cfg.flat().items()})
         from mlflow.entities import Param
@@ -360,7 +362,8 @@ def _register_export(c, record: dict[str, Any], outputs: Any) -> None:
 
 # ---------------------------------------------------------------------- driver
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
-                 force: tuple[str, ...] = (), ray_address: str | None = None) -> PipelineResult:
+                 force: tuple[str, ...] = (), ray_address: str | None = None,
+                 nest_under: str | None = None) -> PipelineResult:
     import ray
 
     selected = select_stages(from_stage, until)
@@ -377,7 +380,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=root),
                               name=cfg.run_name)
     started = time.time()
-    record = setup_tracking(cfg)
+    record = setup_tracking(cfg, nest_under)
     init_ray(cfg, ray_address)
     task = ray.remote(num_cpus=0, max_retries=0)(run_stage)
     # Evaluation runs the model: on a GPU when the cluster has one (it starts after pretraining, whose

@@ -141,14 +141,18 @@ class MetricLogger:
     def set_tag(self, key: str, value: str) -> None:
         retry(lambda: self.client.set_tag(self.run_id, key, value))
 
-    def log_files(self, step: int, files: dict[str, bytes] | Callable[[], dict[str, bytes]]) -> None:
-        """Artifacts of ``step`` (path in the run: bytes; or a function making them), skipped like metrics
-        at steps already logged, so a resumed run does not log them twice."""
-        if step <= self.logged_through:
-            return
+    def log_files(self, files: dict[str, bytes] | Callable[[], dict[str, bytes]]) -> None:
+        """Artifacts (path in the run: bytes; or a function making them); a path the run already has is
+        skipped, so a resumed run that replays steps uploads nothing twice."""
         import tempfile
 
-        for path, data in (files() if callable(files) else files).items():
+        made = files() if callable(files) else files
+        existing: set[str] = set()
+        for folder in {path.rpartition("/")[0] for path in made}:
+            existing |= {a.path for a in retry(lambda folder=folder: self.client.list_artifacts(self.run_id, folder))}
+        for path, data in made.items():
+            if path in existing:
+                continue
             folder, _, name = path.rpartition("/")
             with tempfile.TemporaryDirectory() as tmp:
                 local = os.path.join(tmp, name)

@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     add_compare_command(sub)
     from ray_jobs.plan import add_plan_command
+    from ray_jobs.sweep import add_sweep_command
 
     add_plan_command(sub)
+    add_sweep_command(sub)
     return parser
 
 

@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.uses_qk_clip else None
 
         def log_stats(step: int, detail: dict[str, Any]) -> None:
-            logger.log_files(step, lambda: snapshot_files(detail, tau))
+            logger.log_files(lambda: snapshot_files(detail, tau))
 
     trainer.callbacks = callbacks.standard_callbacks(
         trainer, writer, peak_flops=peak_flops, log=logger.log if logger else None,

@@ -25,6 +25,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,7 +213,8 @@ def test_job_entry_reads_the_submitted_config_or_a_named_one(monkeypatch):
 # ---------------------------------------------------------------------- real services
 RESUME_STEPS = 120
 RESUME_OVERRIDES = ["--set", f"train.steps={RESUME_STEPS}", "--set", "train.checkpoint_every=10",
-                    "--set", "train.log_every=10", "--set", "train.eval_every=0", "--until", "pretrain"]
+                    "--set", "train.log_every=10", "--set", "train.eval_every=0", "--set", "train.stats_every=10",
+                    "--until", "pretrain"]
 """The stop/resume run: long enough to be stopped mid-way, checkpoints every 10 steps, no evaluate/export."""
 
 
@@ -254,6 +256,18 @@ def submit_run(stack, run_name: str, *extra: str, wait: bool = True) -> tuple[su
     found = re.search(r"submitted job (k2pipe-\S+)", result.stdout)
     assert found, result.stdout[-3000:] + result.stderr[-3000:]
     return result, found.group(1)
+
+
+def s3_objects(stack, prefix: str) -> dict[str, Any]:
+    """Key: last-modified time of every object under ``prefix``."""
+    objects, token = {}, None
+    while True:
+        kwargs = {"Bucket": stack["bucket"], "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = stack["s3"].list_objects_v2(**kwargs)
+        objects.update({o["Key"]: o["LastModified"] for o in page.get("Contents", [])})
+        token = page.get("NextContinuationToken")
+        if not token:
+            return objects
 
 
 def s3_keys(stack, prefix: str) -> list[str]:
@@ -381,6 +395,10 @@ def test_a_stopped_job_resumes_from_its_checkpoint_when_submitted_again(stack):
     record = tracking_record(stack, "resume-job")
     assert not any(k.endswith("/_COMPLETE.json") for k in s3_keys(stack, "k2/runs/resume-job/")), \
         "pretraining finished before the stop; raise RESUME_STEPS"
+    pretrain_id = record["stage_run_ids"]["pretrain"]
+    stats = f"/{pretrain_id}/artifacts/stats/"
+    snapshots_before = {k: t for k, t in s3_objects(stack, "mlflow/").items() if stats in k}
+    assert snapshots_before, "no stats snapshot before the stop"
 
     result, _ = submit_run(stack, "resume-job", *RESUME_OVERRIDES)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -393,6 +411,20 @@ def test_a_stopped_job_resumes_from_its_checkpoint_when_submitted_again(stack):
     assert parents == [record["parent_run_id"]]
     steps = [s for s, _ in loss_history(stack, stage_runs(runs)["pretrain"]["info"]["run_id"])]
     assert steps == list(range(10, RESUME_STEPS + 1, 10))  # each step once across both jobs
+    # The per-layer series and the snapshots too: each step once, nothing logged before the stop logged again.
+    for key in ("qk_clip/clipped_share_layer0", "attn/max_logit_layer3", "qk_clip/heads_clipped_total",
+                "train/seconds_total"):
+        history = stack["mlflow"].api("GET", "metrics/get-history", run_id=pretrain_id, metric_key=key)["metrics"]
+        assert sorted(int(m["step"]) for m in history) == list(range(10, RESUME_STEPS + 1, 10)), key
+    snapshots = {k: t for k, t in s3_objects(stack, "mlflow/").items() if stats in k}
+    assert sorted(k.rsplit("/", 1)[1] for k in snapshots) == sorted(
+        f"step-{s:08d}{suffix}" for s in range(10, RESUME_STEPS + 1, 10)
+        for suffix in (".npz", "-max_logits.png", "-expert_load.png"))
+    assert {k: snapshots[k] for k in snapshots_before} == snapshots_before, "a snapshot was uploaded again"
+    parent = next(r for r in runs if r["tags"].get("k2pipe.kind") == "pipeline")
+    history = stack["mlflow"].api("GET", "metrics/get-history", run_id=parent["info"]["run_id"],
+                                  metric_key="final/train_loss")["metrics"]
+    assert [int(m["step"]) for m in history] == [RESUME_STEPS]
 
 
 @pytest.mark.slow

@@ -1,0 +1,524 @@
+"""``k2pipe sweep``: variants of one base config, each with several seeds, and a verdict on each claim.
+
+A sweep file (YAML)::
+
+    name: qk-clip                      # names the sweep's runs: <name>-<variant>[-<grid point>]-s<seed>
+    about: what the sweep asks
+    base: ci                           # a bundled run config or a YAML path
+    set: {train.steps: 300}            # overrides for every run
+    seeds: [0, 1, 2]                   # each run once per seed (train.seed)
+    hours: 3.0                         # the full sweep's run time on a 2-core CPU, as measured
+    variants:
+      clip: {optimizer.qk_clip: true}  # overrides; or {set: {...}, grid: {key: [values], ...}}
+      noclip: {optimizer.qk_clip: false}
+    claims:
+      - claim: QK-Clip lowers the worst max logit
+        variant: clip                  # the side the claim favours
+        baseline: noclip
+        metric: final/max_logit        # a headline metric of the runs (pipelines.dag.HEADLINE_METRICS),
+        better: lower                  #   or series: KEY with over_steps: N (mean of its first N steps)
+        details: [max_logit]           # optional tables: max_logit (its distribution over tau)
+
+The verdict rule is fixed: the claim's metric is paired by seed, d = baseline - variant (lower is better;
+the other way round for higher), and the claim is **borne out** when the mean of d is more than 2 standard
+errors above zero and every seed's d is positive; otherwise **not borne out at this scale**, with the
+numbers. A variant with a grid takes its best grid point (best mean over seeds) for the comparison, and
+the report says whether that point lies inside the grid or on its edge. ``kind: tokens_to_match``
+compares the tokens a variant with a grid over ``train.steps`` needs (its smallest complete run whose final
+metric reaches the baseline's) with the baseline's tokens, paired by seed the same way.
+
+The data stages run once per distinct data config; then the runs go to the cluster together (``parallel``
+at a time), each a pipeline run up to ``evaluate`` whose MLflow parent run is nested under the sweep's
+parent run. A sweep resumes: finished runs are reused whole, unfinished ones resume from their checkpoints,
+and the report is built from what has finished, saying what has not.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import storage, tracking
+from pipelines.config import ConfigError, RunConfig, load_config
+
+SWEEP_DIR = Path(__file__).parent / "sweeps"
+KINDS = ("paired", "tokens_to_match")
+DETAILS = ("max_logit",)
+QUICK_STEPS = 3
+
+
+# ---------------------------------------------------------------------- the sweep file
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values (one empty point without a grid)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    variant: str
+    baseline: str
+    metric: str | None = None
+    series: str | None = None
+    over_steps: int | None = None
+    better: str = "lower"
+    kind: str = "paired"
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    base: str | None
+    overrides: dict[str, Any]
+    seeds: tuple[int, ...]
+    variants: dict[str, Variant]
+    claims: tuple[Claim, ...]
+    about: str = ""
+    hours: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run of the sweep: a variant at one grid point and one seed."""
+
+    variant: str
+    point: dict[str, Any]
+    seed: int
+    run_name: str
+    overrides: dict[str, Any]
+
+
+def _need(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def resolve_sweep_path(spec: str) -> Path:
+    """A sweep file path, or the name of a bundled one (``pipelines/sweeps/<name>.yaml``)."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    bundled = SWEEP_DIR / f"{spec}.yaml"
+    if bundled.exists():
+        return bundled
+    known = sorted(f.stem for f in SWEEP_DIR.glob("*.yaml"))
+    raise ConfigError(f"sweep {spec!r}: no such file, nor a bundled sweep; bundled: {', '.join(known)}")
+
+
+def load_sweep(spec: str) -> Sweep:
+    """Read and check a sweep file; every error names the file and the field."""
+    path = resolve_sweep_path(spec)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _need(isinstance(doc, dict), str(path), "expected a mapping with name, base, seeds, variants, claims")
+    known = {"name", "about", "base", "set", "seeds", "hours", "variants", "claims"}
+    unknown = sorted(set(doc) - known)
+    _need(not unknown, f"{path}: {unknown[0] if unknown else ''}", f"unknown field; valid: {sorted(known)}")
+    name = doc.get("name")
+    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), f"{path}: name",
+          f"{name!r}: give letters, digits, - or _")
+    seeds = doc.get("seeds", [0])
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), f"{path}: seeds",
+          f"{seeds!r}: expected a list of integers")
+    _need(len(set(seeds)) == len(seeds), f"{path}: seeds", f"{seeds!r}: repeated seed")
+    overrides = doc.get("set") or {}
+    _need(isinstance(overrides, dict), f"{path}: set", "expected a mapping of section.key: value")
+    variants: dict[str, Variant] = {}
+    raw_variants = doc.get("variants")
+    _need(isinstance(raw_variants, dict) and len(raw_variants) >= 1, f"{path}: variants",
+          "expected a mapping of variant name: overrides")
+    for vname, body in raw_variants.items():
+        where = f"{path}: variants.{vname}"
+        _need(str(vname).replace("-", "").replace("_", "").isalnum(), where, "name: letters, digits, - or _")
+        body = body or {}
+        _need(isinstance(body, dict), where, "expected a mapping of section.key: value, or {set:, grid:}")
+        if set(body) <= {"set", "grid"} and body:
+            grid = body.get("grid") or {}
+            _need(isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values()), f"{where}.grid",
+                  "expected a mapping of section.key: [values]")
+            variants[str(vname)] = Variant(str(vname), dict(body.get("set") or {}),
+                                           {k: list(v) for k, v in grid.items()})
+        else:
+            variants[str(vname)] = Variant(str(vname), dict(body))
+    claims = []
+    for i, raw in enumerate(doc.get("claims") or []):
+        where = f"{path}: claims[{i}]"
+        _need(isinstance(raw, dict), where, "expected a mapping")
+        fields = {f.name for f in dataclasses.fields(Claim)}
+        bad = sorted(set(raw) - fields)
+        _need(not bad, f"{where}.{bad[0] if bad else ''}", f"unknown field; valid: {sorted(fields)}")
+        try:
+            claim = Claim(**{**raw, "details": tuple(raw.get("details") or ())})
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        for side in (claim.variant, claim.baseline):
+            _need(side in variants, where, f"variant {side!r} is not one of {sorted(variants)}")
+        _need(claim.better in ("lower", "higher"), f"{where}.better", f"{claim.better!r}: lower or higher")
+        _need(claim.kind in KINDS, f"{where}.kind", f"{claim.kind!r}: one of {KINDS}")
+        _need((claim.metric is None) != (claim.series is None), where, "give metric (a headline metric) or series")
+        _need(claim.series is None or (claim.over_steps or 0) >= 1, f"{where}.over_steps",
+              "a series needs over_steps >= 1 (the mean over its first N steps)")
+        _need(all(d in DETAILS for d in claim.details), f"{where}.details", f"valid: {DETAILS}")
+        if claim.kind == "tokens_to_match":
+            _need("train.steps" in variants[claim.variant].grid, f"{where}.kind",
+                  f"tokens_to_match needs a grid over train.steps in variant {claim.variant!r}")
+        claims.append(claim)
+    sweep = Sweep(name=name, base=doc.get("base"), overrides=dict(overrides), seeds=tuple(seeds), variants=variants,
+                  claims=tuple(claims), about=str(doc.get("about") or ""), hours=doc.get("hours"), source=str(path))
+    for member in members(sweep):  # every run's config is valid before anything starts
+        member_config(sweep, member)
+    return sweep
+
+
+def _suffix(point: dict[str, Any]) -> str:
+    return "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items())
+
+
+def members(sweep: Sweep, quick: bool = False) -> list[Member]:
+    """Every run of the sweep. ``quick``: one seed, at most ``QUICK_STEPS`` steps a run (a wiring check)."""
+    seeds = sweep.seeds[:1] if quick else sweep.seeds
+    out = []
+    for variant in sweep.variants.values():
+        for point in variant.points():
+            for seed in seeds:
+                overrides = {**sweep.overrides, **variant.overrides, **point, "train.seed": seed}
+                if quick:
+                    steps = int(overrides.get("train.steps", 0)) or QUICK_STEPS
+                    overrides["train.steps"] = max(1, min(steps, QUICK_STEPS))
+                name = f"{sweep.name}{'-quick' if quick else ''}-{variant.name}{_suffix(point)}-s{seed}"
+                out.append(Member(variant.name, point, seed, name.replace(".", "p"), overrides))
+    return out
+
+
+def member_config(sweep: Sweep, member: Member, extra: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of one member (``extra``: command-line overrides, storage and tracking for instance)."""
+    overrides = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                 for k, v in {**member.overrides, **(extra or {})}.items()}
+    overrides.setdefault("train.checkpoint_every", "0")
+    try:
+        return load_config(sweep.base, overrides, run_name=member.run_name)
+    except ConfigError as e:
+        raise ConfigError(f"{sweep.source}: run {member.run_name}: {e}") from None
+
+
+# ---------------------------------------------------------------------- running
+def _sweep_tracking(sweep: Sweep, cfg: RunConfig, quick: bool) -> dict[str, Any] | None:
+    """The sweep's parent run (created once, found again by its name), recorded beside the sweep's report."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    c = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    name = sweep.name + ("-quick" if quick else "")
+    found = tracking.retry(lambda: c.search_runs(
+        [experiment_id], filter_string=f"tags.`k2pipe.kind` = 'sweep' and tags.`k2pipe.sweep` = '{name}'",
+        max_results=1))
+    if found:
+        run_id = found[0].info.run_id
+        tracking.retry(lambda: c.update_run(run_id, status="RUNNING"))
+    else:
+        note = (sweep.about or name) + (" (quick: a wiring check, not evidence)" if quick else "")
+        run = tracking.retry(lambda: c.create_run(experiment_id, run_name=name, tags={
+            "k2pipe.kind": "sweep", "k2pipe.sweep": name, tracking.RUN_NAME_TAG: name, "mlflow.note.content": note}))
+        run_id = run.info.run_id
+    return {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id, "name": name}
+
+
+def run_sweep(sweep: Sweep, *, quick: bool = False, extra: dict[str, Any] | None = None,
+              ray_address: str | None = None, parallel: int | None = None, report_only: bool = False
+              ) -> dict[str, Any]:
+    """Run (or resume) every member, then write the report; returns the report's record."""
+    from pipelines.cluster import init_ray
+    from pipelines.console import say
+    from pipelines.dag import PipelineError, run_pipeline
+
+    runs = members(sweep, quick)
+    configs = {m.run_name: member_config(sweep, m, extra) for m in runs}
+    first = next(iter(configs.values()))
+    root = storage.normalize_uri(first.storage.root)
+    record = _sweep_tracking(sweep, first, quick)
+    failures: dict[str, str] = {}
+    if not report_only:
+        init_ray(first, ray_address)
+        # The data stages once per distinct data config, one after another (two runs building the same
+        # stage folder at once would race); the runs then find them complete.
+        seen: set[str] = set()
+        for cfg in configs.values():
+            key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                run_pipeline(cfg, until="shard", ray_address=ray_address,
+                             nest_under=record["run_id"] if record else None)
+        if parallel is None:
+            import ray
+
+            per_run = max(first.train.num_workers * first.train.cpus_per_worker, 0.5)
+            parallel = max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
+        say(f"[k2pipe] sweep {sweep.name}: {len(runs)} runs, {min(parallel, len(runs))} at a time")
+
+        def one(cfg: RunConfig) -> None:
+            run_pipeline(cfg, until="evaluate", ray_address=ray_address,
+                         nest_under=record["run_id"] if record else None)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            futures = {pool.submit(one, cfg): name for name, cfg in configs.items()}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    future.result()
+                except PipelineError as e:
+                    failures[futures[future]] = str(e)
+                    say(f"[k2pipe] sweep {sweep.name}: run {futures[future]} failed: {e}")
+    results = collect(sweep, runs, configs, record)
+    report = build_report(sweep, runs, configs, results, quick=quick, failures=failures)
+    out = storage.join(root, "sweeps", sweep.name + ("-quick" if quick else ""))
+    for name, data in report["files"].items():
+        storage.write_bytes(storage.join(out, name), data)
+    if record is not None:
+        from pipelines.artifacts import _log_bytes
+
+        c = tracking.client(record["tracking_uri"])
+        for name, data in report["files"].items():
+            _log_bytes(c, record["run_id"], data, f"report/{name}")
+        status = "FINISHED" if report["finished"] == len(runs) else "RUNNING"
+        tracking.retry(lambda: c.set_terminated(record["run_id"], status=status) if status == "FINISHED"
+                       else c.update_run(record["run_id"], status=status))
+    return {**report, "uri": out, "failures": failures}
+
+
+# ---------------------------------------------------------------------- results
+def collect(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], record: dict[str, Any] | None
+            ) -> dict[str, dict[str, Any]]:
+    """What each finished member measured, read back from MLflow (so a report can be built in a later
+    session from what has finished): the parent's headline metrics and the pretrain run's series the claims
+    need. A member is finished when its parent run has ``final/val_loss``."""
+    if record is None:
+        return {}
+    c = tracking.client(record["tracking_uri"])
+    series_keys = {cl.series for cl in sweep.claims if cl.series} | {"attn/max_logit", "train/loss"}
+    out: dict[str, dict[str, Any]] = {}
+    for m in runs:
+        parents = tracking.retry(lambda m=m: c.search_runs(
+            [record["experiment_id"]], filter_string=f"tags.`k2pipe.kind` = 'pipeline' and "
+                                                     f"tags.`{tracking.RUN_NAME_TAG}` = '{m.run_name}'", max_results=1))
+        if not parents or "final/val_loss" not in parents[0].data.metrics:
+            continue
+        parent = parents[0]
+        stages = tracking.retry(lambda parent=parent: c.search_runs(
+            [record["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                                     f"tags.`{tracking.STAGE_TAG}` = 'pretrain'", max_results=1))
+        series = {}
+        if stages:
+            pretrain_id = stages[0].info.run_id
+            for key in series_keys:
+                points = tracking.retry(lambda key=key, pretrain_id=pretrain_id: c.get_metric_history(pretrain_id, key))
+                series[key] = sorted((p.step, p.value) for p in points)
+        cfg = configs[m.run_name]
+        out[m.run_name] = {"metrics": dict(parent.data.metrics), "series": series,
+                           "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+                           "tau": cfg.optimizer.qk_clip_tau}
+    return out
+
+
+def verdict(diffs: list[float]) -> dict[str, Any]:
+    """The fixed rule over per-seed differences (positive: the claim's side did better)."""
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    se = statistics.stdev(diffs) / math.sqrt(n) if n >= 2 else float("nan")
+    borne = n >= 2 and mean > 2 * se and all(d > 0 for d in diffs)
+    opposite = n >= 2 and mean < -2 * se and all(d < 0 for d in diffs)
+    text = ("borne out" if borne else "not borne out at this scale"
+            + (" (the opposite holds by the same rule)" if opposite else "")
+            + ("" if n >= 2 else " (fewer than 2 seeds: no standard error)"))
+    return {"n": n, "mean": mean, "se": se, "diffs": diffs, "borne_out": borne, "verdict": text}
+
+
+def _value(result: dict[str, Any], claim: Claim) -> float | None:
+    if claim.metric is not None:
+        return result["metrics"].get(claim.metric)
+    points = [v for s, v in result["series"].get(claim.series, []) if s <= claim.over_steps]
+    return sum(points) / len(points) if points else None
+
+
+def _best_point(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], variant: str, claim: Claim,
+                seeds: list[int]) -> tuple[dict[str, Any], dict[int, float], dict[str, str]]:
+    """The grid point of ``variant`` with the best mean over ``seeds`` (its per-seed values) and, per grid key,
+    whether that point lies inside the grid or on its edge."""
+    sign = 1.0 if claim.better == "lower" else -1.0
+    best: tuple[float, dict[str, Any], dict[int, float]] | None = None
+    points = sweep.variants[variant].points()
+    # The seeds every grid point has finished, so the points compare over the same seeds.
+    seeds = [s for s in seeds if all(any(m.variant == variant and m.point == p and m.seed == s
+                                         and m.run_name in results for m in runs) for p in points)]
+    if not seeds:
+        return {}, {}, {}
+    for point in points:
+        values = {m.seed: _value(results[m.run_name], claim) for m in runs
+                  if m.variant == variant and m.point == point and m.run_name in results}
+        values = {s: v for s, v in values.items() if v is not None and s in seeds}
+        if len(values) < len(seeds):
+            continue
+        score = sign * sum(values.values()) / len(values)
+        if best is None or score < best[0]:
+            best = (score, point, values)
+    if best is None:
+        return {}, {}, {}
+    grid = sweep.variants[variant].grid
+    where = {k: ("inside" if 0 < grid[k].index(best[1][k]) < len(grid[k]) - 1 else "on the edge")
+             for k in grid if len(grid[k]) > 1}
+    return best[1], best[2], where
+
+
+def _tokens_to_match(runs, results, claim, seeds, baseline_final: dict[int, float]) -> dict[int, float | None]:
+    """Per seed, the tokens of the variant's smallest complete run whose final metric reaches the
+    baseline's final metric (None: none does)."""
+    out: dict[int, float | None] = {}
+    sign = 1.0 if claim.better == "lower" else -1.0
+    for seed in seeds:
+        reached = []
+        for m in runs:
+            if m.variant == claim.variant and m.seed == seed and m.run_name in results:
+                v = _value(results[m.run_name], claim)
+                if v is not None and sign * v <= sign * baseline_final[seed]:
+                    reached.append(results[m.run_name]["metrics"].get("final/tokens_trained"))
+        out[seed] = min(reached) if reached else None
+    return out
+
+
+def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], results: dict[str, dict[str, Any]],
+                 *, quick: bool = False, failures: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Markdown report (every seed's numbers, a verdict per claim) with its plots, from what finished."""
+    lines = [f"# Sweep `{sweep.name}`" + (" (quick)" if quick else ""), ""]
+    if quick:
+        lines += ["**A wiring check, not evidence:** one seed and at most "
+                  f"{QUICK_STEPS} steps a run.", ""]
+    if sweep.about:
+        lines += [sweep.about, ""]
+    lines += [f"Base `{sweep.base}`, seeds {list(sweep.seeds)}, {len(runs)} runs; {len(results)} finished."
+              + (f" The full sweep takes about {sweep.hours:g} h on 2 CPU cores." if sweep.hours else ""), ""]
+    missing = [m.run_name for m in runs if m.run_name not in results]
+    if missing:
+        lines += [f"Not finished ({len(missing)}): " + ", ".join(f"`{n}`" for n in missing), ""]
+    for name, why in (failures or {}).items():
+        lines += [f"- `{name}` failed: {why}"]
+    lines += ["## Runs", "", "| run | variant | seed | final train loss | final val loss | worst max logit | tokens |",
+              "|---|---|---|---|---|---|---|"]
+    for m in runs:
+        r = results.get(m.run_name)
+        if r is None:
+            continue
+        mm = r["metrics"]
+        lines.append(f"| `{m.run_name}` | {m.variant}{_suffix(m.point)} | {m.seed} | "
+                     f"{mm.get('final/train_loss', float('nan')):.4f} | {mm.get('final/val_loss', float('nan')):.4f} | "
+                     f"{mm.get('final/max_logit', float('nan')):.2f} | {mm.get('final/tokens_trained', 0):,.0f} |")
+    lines.append("")
+    files: dict[str, bytes] = {}
+    verdicts = []
+    for i, claim in enumerate(sweep.claims, 1):
+        what = claim.metric or f"mean of {claim.series} over its first {claim.over_steps} steps"
+        lines += [f"## Claim {i}: {claim.claim}", "",
+                  f"`{claim.variant}` against `{claim.baseline}` on {what} ({claim.better} is better).", ""]
+        seeds = [s for s in sweep.seeds if any(m.seed == s for m in runs)]
+        if claim.kind == "tokens_to_match":
+            base_point, base_vals, base_where = _best_point(sweep, runs, results, claim.baseline, claim, seeds)
+            seeds_ok = [s for s in seeds if s in base_vals]
+            base_tokens = {}
+            for m in runs:
+                if m.variant == claim.baseline and m.point == base_point and m.run_name in results:
+                    base_tokens[m.seed] = results[m.run_name]["metrics"].get("final/tokens_trained")
+            needed = _tokens_to_match(runs, results, claim, seeds_ok, base_vals)
+            diffs = [base_tokens[s] - needed[s] if needed[s] is not None else -base_tokens[s] for s in seeds_ok]
+            v = verdict(diffs) if seeds_ok else verdict([])
+            lines += ["| seed | baseline final | baseline tokens | tokens the variant needs |", "|---|---|---|---|"]
+            lines += [f"| {s} | {base_vals[s]:.4f} | {base_tokens[s]:,.0f} | "
+                      f"{'not reached' if needed[s] is None else f'{needed[s]:,.0f}'} |" for s in seeds_ok]
+            if base_where:
+                lines.append(f"\nBaseline at its best grid point {base_point} ({base_where}).")
+        else:
+            var_point, var_vals, var_where = _best_point(sweep, runs, results, claim.variant, claim, seeds)
+            base_point, base_vals, base_where = _best_point(sweep, runs, results, claim.baseline, claim, seeds)
+            paired = [s for s in seeds if s in var_vals and s in base_vals]
+            sign = 1.0 if claim.better == "lower" else -1.0
+            diffs = [sign * (base_vals[s] - var_vals[s]) for s in paired]
+            v = verdict(diffs)
+            lines += [f"| seed | {claim.variant} | {claim.baseline} | difference |", "|---|---|---|---|"]
+            lines += [f"| {s} | {var_vals[s]:.4f} | {base_vals[s]:.4f} | {d:+.4f} |" for s, d in zip(paired, diffs)]
+            for side, point, where in ((claim.variant, var_point, var_where), (claim.baseline, base_point, base_where)):
+                if point:
+                    lines.append(f"\n`{side}` at its best grid point {point}: "
+                                 + ", ".join(f"{k} {w}" for k, w in where.items()) + ".")
+            if "max_logit" in claim.details:
+                lines += ["", "Per-step max logit over tau (median, p95, worst) and steps above tau:", "",
+                          "| run | median | p95 | worst | steps above tau |", "|---|---|---|---|---|"]
+                for m in runs:
+                    r = results.get(m.run_name)
+                    if r is None or m.variant not in (claim.variant, claim.baseline):
+                        continue
+                    ratios = sorted(val / r["tau"] for _, val in r["series"].get("attn/max_logit", []))
+                    if ratios:
+                        p95 = ratios[min(len(ratios) - 1, int(math.ceil(0.95 * len(ratios))) - 1)]
+                        above = sum(x > 1 for x in ratios)
+                        lines.append(f"| `{m.run_name}` | {statistics.median(ratios):.3f} | {p95:.3f} | "
+                                     f"{ratios[-1]:.3f} | {above} of {len(ratios)} |")
+        lines += ["", f"**Verdict: {v['verdict']}** (mean difference {v['mean']:+.4g}, standard error "
+                      f"{v['se']:.3g}, {v['n']} seed{'' if v['n'] == 1 else 's'}).", ""]
+        verdicts.append({"claim": claim.claim, **v})
+        plot = _claim_plot(sweep, runs, results, claim)
+        if plot:
+            files[f"claim{i}.png"] = plot
+            lines += [f"![claim {i}](claim{i}.png)", ""]
+    text = "\n".join(lines)
+    files["report.md"] = text.encode()
+    files["report.json"] = json.dumps({"sweep": sweep.name, "quick": quick, "finished": len(results),
+                                       "runs": len(runs), "missing": missing, "claims": verdicts},
+                                      indent=2, default=str).encode()
+    return {"text": text, "files": files, "finished": len(results), "claims": verdicts, "missing": missing}
+
+
+def _claim_plot(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> bytes | None:
+    """The training-loss curves of the claim's two variants, one line a run (PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
+              and results[m.run_name]["series"].get("train/loss")]
+    if not chosen:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {claim.variant: "tab:blue", claim.baseline: "tab:orange"}
+    for m in chosen:
+        steps, values = zip(*results[m.run_name]["series"]["train/loss"])
+        ax.plot(steps, values, color=colors[m.variant], alpha=0.7, label=f"{m.variant}{_suffix(m.point)} s{m.seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train/loss")
+    ax.set_title(claim.claim[:80])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+

@@ -1,0 +1,180 @@
+"""``k2pipe sweep``: the verdict rule on given numbers, the report on synthetic results (grids, tokens to
+match), the sweep file's errors, the bundled sweeps' configs, and a 2-variant, 1-seed smoke sweep through
+the real DAG (embedded Ray, local MLflow) that is then resumed and reported again."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from pipelines.config import ConfigError
+from pipelines.sweep import Claim, Member, Sweep, Variant, build_report, load_sweep, members, run_sweep, verdict
+
+
+def test_the_verdict_rule():
+    borne = verdict([0.10, 0.12, 0.09])
+    assert borne["borne_out"] and borne["verdict"] == "borne out"
+    assert borne["mean"] == pytest.approx(0.10333333) and borne["se"] == pytest.approx(0.00881917, rel=1e-5)
+    mixed = verdict([0.10, -0.01, 0.20])  # mean 0.097, se 0.061: under 2 standard errors, and a sign flips
+    assert not mixed["borne_out"] and mixed["verdict"] == "not borne out at this scale"
+    wide = verdict([0.01, 0.30, 0.02])  # every sign positive, but mean 0.11 < 2 x se 0.19
+    assert not wide["borne_out"]
+    opposite = verdict([-0.10, -0.12, -0.09])
+    assert not opposite["borne_out"] and "opposite" in opposite["verdict"]
+    one = verdict([0.5])
+    assert not one["borne_out"] and "fewer than 2 seeds" in one["verdict"]
+
+
+def _result(loss: float, tokens: float = 1000.0) -> dict:
+    return {"metrics": {"final/val_loss": loss, "final/train_loss": loss, "final/max_logit": 5.0,
+                        "final/tokens_trained": tokens}, "series": {}, "tokens_per_step": 10, "tau": 100.0}
+
+
+def test_the_report_takes_each_side_at_its_best_grid_point_and_says_where_it_lies():
+    sweep = Sweep(name="s", base="ci", overrides={}, seeds=(0, 1, 2),
+                  variants={"a": Variant("a", {}, {"train.lr": [1, 2, 3]}), "b": Variant("b", {}, {"train.lr": [1, 2]})},
+                  claims=(Claim("a beats b", "a", "b", metric="final/val_loss"),))
+    runs = members(sweep)
+    loss = {("a", 1): 3.0, ("a", 2): 2.0, ("a", 3): 2.5, ("b", 1): 2.6, ("b", 2): 2.9}
+    results = {m.run_name: _result(loss[(m.variant, m.point["train.lr"])] + 0.01 * m.seed) for m in runs}
+    report = build_report(sweep, runs, {}, results)
+    claim = report["claims"][0]
+    assert claim["borne_out"] and claim["diffs"] == pytest.approx([0.6, 0.6, 0.6])
+    assert "`a` at its best grid point {'train.lr': 2}: train.lr inside." in report["text"]
+    assert "`b` at its best grid point {'train.lr': 1}: train.lr on the edge." in report["text"]
+    partial = build_report(sweep, runs, {}, {k: v for k, v in results.items() if not k.endswith("s2")})
+    assert partial["finished"] == 10 and len(partial["missing"]) == 5 and "Not finished (5)" in partial["text"]
+    assert partial["claims"][0]["n"] == 2
+
+
+def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline():
+    sweep = Sweep(name="t", base="ci", overrides={}, seeds=(0, 1),
+                  variants={"short": Variant("short", {}, {"train.steps": [10, 20, 30]}), "base": Variant("base", {})},
+                  claims=(Claim("fewer tokens", "short", "base", metric="final/val_loss", kind="tokens_to_match"),))
+    runs = members(sweep)
+    losses = {10: 3.0, 20: 2.45, 30: 2.2}
+    results = {}
+    for m in runs:
+        if m.variant == "short":
+            results[m.run_name] = _result(losses[m.point["train.steps"]], tokens=100.0 * m.point["train.steps"])
+        else:
+            results[m.run_name] = _result(2.5 + 0.02 * m.seed, tokens=4000.0)
+    report = build_report(sweep, runs, {}, results)
+    claim = report["claims"][0]
+    assert claim["diffs"] == [2000.0, 2000.0] and claim["borne_out"]  # 20 steps reach 2.5 and 2.52, 10 do not
+    assert "| 0 | 2.5000 | 4,000 | 2,000 |" in report["text"]
+
+
+def test_sweep_files_are_checked_naming_the_field(tmp_path):
+    def write(body: str):
+        path = tmp_path / "s.yaml"
+        path.write_text(textwrap.dedent(body))
+        return str(path)
+
+    with pytest.raises(ConfigError, match=r"s\.yaml: claims\[0\]: variant 'c' is not one of \['a', 'b'\]"):
+        load_sweep(write("""
+            name: s
+            base: ci
+            variants: {a: {train.lr: 0.001}, b: {train.lr: 0.003}}
+            claims: [{claim: x, variant: c, baseline: a, metric: final/val_loss}]"""))
+    with pytest.raises(ConfigError, match=r"run s-a-s0: unknown config key 'train\.lrr'"):
+        load_sweep(write("""
+            name: s
+            base: ci
+            variants: {a: {train.lrr: 0.001}}"""))
+    with pytest.raises(ConfigError, match=r"seeds: \[0, 0\]: repeated seed"):
+        load_sweep(write("""
+            name: s
+            seeds: [0, 0]
+            variants: {a: {}}"""))
+    with pytest.raises(ConfigError, match="tokens_to_match needs a grid over train.steps"):
+        load_sweep(write("""
+            name: s
+            variants: {a: {}, b: {}}
+            claims: [{claim: x, variant: a, baseline: b, metric: final/val_loss, kind: tokens_to_match}]"""))
+    with pytest.raises(ConfigError, match="no such file, nor a bundled sweep; bundled: dense_layers, heads"):
+        load_sweep("nope")
+
+
+@pytest.mark.parametrize("name", ["optimizer", "qk_clip", "sparsity", "dense_layers", "heads"])
+def test_the_bundled_sweeps_load_with_three_seeds_and_a_stated_run_time(name):
+    sweep = load_sweep(name)
+    assert len(sweep.seeds) >= 3 and sweep.hours and sweep.claims
+    quick = members(sweep, quick=True)
+    assert {m.seed for m in quick} == {sweep.seeds[0]} and all(m.overrides["train.steps"] <= 3 for m in quick)
+    assert len({m.run_name for m in members(sweep)}) == len(members(sweep))
+
+
+SMOKE = """
+name: smoke
+about: two optimizers, one seed, a few steps (a wiring check)
+base: ci
+set: {train.steps: 4, train.log_every: 1, train.eval_every: 0, train.stats_every: 0}
+seeds: [0]
+variants:
+  muonclip: {optimizer.name: muonclip}
+  adamw: {optimizer.name: adamw}
+claims:
+  - claim: MuonClip reaches a lower validation loss than AdamW
+    variant: muonclip
+    baseline: adamw
+    metric: final/val_loss
+    better: lower
+    details: [max_logit]
+"""
+
+
+@pytest.mark.slow
+def test_a_smoke_sweep_runs_nests_its_runs_reports_and_resumes(tmp_path, monkeypatch):
+    import ray
+
+    from pipelines import tracking
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke.yaml").write_text(SMOKE)
+    sweep = load_sweep(str(tmp_path / "smoke.yaml"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extra = {"storage.root": str(tmp_path / "k2runs"), "tracking.uri": uri}
+    try:
+        report = run_sweep(sweep, extra=extra, parallel=2)
+        assert report["finished"] == 2 and not report["failures"] and not report["missing"]
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name("k2pipe")
+        sweeps = c.search_runs([exp.experiment_id], "tags.`k2pipe.kind` = 'sweep'")
+        assert [r.data.tags["k2pipe.sweep"] for r in sweeps] == ["smoke"]
+        assert sweeps[0].info.status == "FINISHED"
+        children = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
+        variants = {r.data.tags["k2pipe.run_name"]: r for r in children}
+        assert sorted(variants) == ["smoke-adamw-s0", "smoke-muonclip-s0"]
+        for run in variants.values():
+            assert "final/val_loss" in run.data.metrics and run.data.tags["k2pipe.kind"] == "pipeline"
+            stages = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+            assert {r.data.tags["k2pipe.stage"] for r in stages} >= {"ingest", "pretrain", "evaluate"}
+        text = (tmp_path / "k2runs" / "sweeps" / "smoke" / "report.md").read_text()
+        for name, run in variants.items():
+            assert f"| `{name}` |" in text and f"{run.data.metrics['final/val_loss']:.4f}" in text
+        assert "**Verdict: not borne out at this scale (fewer than 2 seeds: no standard error)** " in text
+        assert "Per-step max logit over tau" in text
+        record = json.loads((tmp_path / "k2runs" / "sweeps" / "smoke" / "report.json").read_text())
+        assert record["finished"] == 2 and record["claims"][0]["n"] == 1
+        logged = {a.path for a in c.list_artifacts(sweeps[0].info.run_id, "report")}
+        assert {"report/report.md", "report/claim1.png"} <= logged
+
+        pretrain = c.search_runs([exp.experiment_id], "tags.`k2pipe.stage` = 'pretrain'")
+        before = {r.info.run_id: [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")] for r in pretrain}
+        again = run_sweep(sweep, extra=extra, parallel=2)  # finished: everything reused, nothing logged twice
+        assert again["text"] == report["text"]
+        after = {r.info.run_id: [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")] for r in pretrain}
+        assert after == before and all(steps == [1, 2, 3, 4] for steps in after.values())
+    finally:
+        ray.shutdown()
+
+
+def test_a_member_names_its_variant_grid_point_and_seed():
+    sweep = Sweep(name="n", base="ci", overrides={"train.steps": 50}, seeds=(3,),
+                  variants={"v": Variant("v", {"optimizer.name": "adamw"}, {"train.lr": [0.001]})}, claims=())
+    assert members(sweep) == [Member("v", {"train.lr": 0.001}, 3, "n-v-lr0p001-s3",
+                                     {"train.steps": 50, "optimizer.name": "adamw", "train.lr": 0.001,
+                                      "train.seed": 3})]
