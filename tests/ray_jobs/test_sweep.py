@@ -34,7 +34,8 @@ def _result(loss: float, tokens: float = 1000.0) -> dict:
 
 def test_the_report_takes_each_side_at_its_best_grid_point_and_says_where_it_lies():
     sweep = Sweep(name="s", base="ci", overrides={}, seeds=(0, 1, 2),
-                  variants={"a": Variant("a", {}, {"train.lr": [1, 2, 3]}), "b": Variant("b", {}, {"train.lr": [1, 2]})},
+                  variants={"a": Variant("a", {}, {"train.lr": [1, 2, 3]}),
+                            "b": Variant("b", {}, {"train.lr": [1, 2]})},
                   claims=(Claim("a beats b", "a", "b", metric="final/val_loss"),))
     runs = members(sweep)
     loss = {("a", 1): 3.0, ("a", 2): 2.0, ("a", 3): 2.5, ("b", 1): 2.6, ("b", 2): 2.9}
