@@ -155,6 +155,8 @@ def setup_tracking(cfg: RunConfig, nest_under: str | None = None) -> dict[str, A
                                        f"tags.`k2pipe.kind` = 'pipeline'", max_results=1))
     if existing:
         parent_id = existing[0].info.run_id
+        if nest_under:
+            tracking.retry(lambda: c.set_tag(parent_id, "mlflow.parentRunId", nest_under))
     else:
         parent = tracking.retry(lambda: c.create_run(
             experiment_id, tags={**tags, **parent_tags, "k2pipe.kind": "pipeline"}, run_name=cfg.run_name))

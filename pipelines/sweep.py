@@ -195,7 +195,8 @@ def _suffix(point: dict[str, Any]) -> str:
 
 
 def members(sweep: Sweep, quick: bool = False) -> list[Member]:
-    """Every run of the sweep. ``quick``: one seed, at most ``QUICK_STEPS`` steps a run (a wiring check)."""
+    """Every run of the sweep. ``quick``: one seed, at most ``QUICK_STEPS`` steps a run with one warm-up step
+    (a wiring check)."""
     seeds = sweep.seeds[:1] if quick else sweep.seeds
     out = []
     for variant in sweep.variants.values():
@@ -205,6 +206,7 @@ def members(sweep: Sweep, quick: bool = False) -> list[Member]:
                 if quick:
                     steps = int(overrides.get("train.steps", 0)) or QUICK_STEPS
                     overrides["train.steps"] = max(1, min(steps, QUICK_STEPS))
+                    overrides["train.warmup_steps"] = 1
                 name = f"{sweep.name}{'-quick' if quick else ''}-{variant.name}{_suffix(point)}-s{seed}"
                 out.append(Member(variant.name, point, seed, name.replace(".", "p"), overrides))
     return out
@@ -413,7 +415,7 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                   f"{QUICK_STEPS} steps a run.", ""]
     if sweep.about:
         lines += [sweep.about, ""]
-    lines += [f"Base `{sweep.base}`, seeds {list(sweep.seeds)}, {len(runs)} runs; {len(results)} finished."
+    lines += [f"Base `{sweep.base}`, seeds {sorted({m.seed for m in runs})}, {len(runs)} runs; {len(results)} finished."
               + (f" The full sweep takes about {sweep.hours:g} h on 2 CPU cores." if sweep.hours else ""), ""]
     missing = [m.run_name for m in runs if m.run_name not in results]
     if missing:

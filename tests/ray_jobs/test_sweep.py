@@ -10,7 +10,18 @@ import textwrap
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.sweep import Claim, Member, Sweep, Variant, build_report, load_sweep, members, run_sweep, verdict
+from pipelines.sweep import (
+    Claim,
+    Member,
+    Sweep,
+    Variant,
+    build_report,
+    load_sweep,
+    member_config,
+    members,
+    run_sweep,
+    verdict,
+)
 
 
 def test_the_verdict_rule():
@@ -105,6 +116,8 @@ def test_the_bundled_sweeps_load_with_three_seeds_and_a_stated_run_time(name):
     assert len(sweep.seeds) >= 3 and sweep.hours and sweep.claims
     quick = members(sweep, quick=True)
     assert {m.seed for m in quick} == {sweep.seeds[0]} and all(m.overrides["train.steps"] <= 3 for m in quick)
+    for m in quick:  # valid configs, as a --quick run checks before it starts
+        assert member_config(sweep, m).train.steps <= 3
     assert len({m.run_name for m in members(sweep)}) == len(members(sweep))
 
 
