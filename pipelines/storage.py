@@ -172,23 +172,9 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object. Local files are written to a temporary name and renamed, so a reader never
-    sees half a file; an S3 PUT is atomic by itself."""
-    fs, path = resolve(uri)
-    if is_s3(uri):
-        with fs.open_output_stream(path, compression=None) as f:
-            f.write(data)
-        return
-    parent = os.path.dirname(path)
-    fs.create_dir(parent, recursive=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with fs.open_output_stream(tmp, compression=None) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a whole object (``open_output``): a reader never sees half of it."""
+    with open_output(uri) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager
