@@ -310,8 +310,8 @@ def run_sweep(sweep: Sweep, *, quick: bool = False, extra: dict[str, Any] | None
 # ---------------------------------------------------------------------- results
 def collect(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], record: dict[str, Any] | None
             ) -> dict[str, dict[str, Any]]:
-    """What each finished member measured, read back from MLflow (so a report can be built in a later
-    session from what has finished): the parent's headline metrics and the pretrain run's series the claims
+    """What each finished member measured, read back from MLflow (so a report can be built at any later
+    time from what has finished): the parent's headline metrics and the pretrain run's series the claims
     need. A member is finished when its parent run has ``final/val_loss``."""
     if record is None:
         return {}
