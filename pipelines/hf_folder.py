@@ -27,6 +27,7 @@ import torch
 
 from k2model.model import K2ForCausalLM, hf_expert_names, is_stacked_expert, to_hf_state_dict
 from pipelines import storage
+from pipelines.train import checkpoint_file
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -184,11 +185,6 @@ class _Hashing:
         self.size += memoryview(data).nbytes
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    flat = t.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
 def write_safetensors(source: TensorSource, folder: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       metadata: dict[str, str] | None = None,
                       on_tensor: Callable[[str, int], None] | None = None) -> dict[str, dict[str, Any]]:
@@ -209,7 +205,7 @@ def write_safetensors(source: TensorSource, folder: str, *, max_shard_bytes: int
                 if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
                     raise ValueError(f"{spec.name}: read {t.dtype} {tuple(t.shape)}, expected {spec.dtype} "
                                      f"{spec.shape}")
-                out.write(_raw(t))
+                out.write(checkpoint_file._raw(t))
                 del t
                 weight_map[spec.name] = file_name
                 if on_tensor is not None:

@@ -144,21 +144,15 @@ class MetricLogger:
     def log_files(self, files: dict[str, bytes] | Callable[[], dict[str, bytes]]) -> None:
         """Artifacts (path in the run: bytes; or a function making them); a path the run already has is
         skipped, so a resumed run that replays steps uploads nothing twice."""
-        import tempfile
+        from pipelines.artifacts import _log_bytes
 
         made = files() if callable(files) else files
         existing: set[str] = set()
         for folder in {path.rpartition("/")[0] for path in made}:
             existing |= {a.path for a in retry(lambda folder=folder: self.client.list_artifacts(self.run_id, folder))}
         for path, data in made.items():
-            if path in existing:
-                continue
-            folder, _, name = path.rpartition("/")
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, name)
-                with open(local, "wb") as f:
-                    f.write(data)
-                retry(lambda local=local, folder=folder: self.client.log_artifact(self.run_id, local, folder or None))
+            if path not in existing:
+                _log_bytes(self.client, self.run_id, data, path)
 
     def flush(self) -> None:
         if not self._buffer:
