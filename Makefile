@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/k2pipe run
 
 lint: $(STAMP)
-	$(BIN)/ruff check k2model pipelines ray_jobs tests benchmarks
+	$(BIN)/ruff check k2model pipelines ray_jobs tests benchmarks infra
 
 # The suite, then the tests whose numbers depend on what optimizer.ns_dtype=auto resolves to, again as
 # the other CPU kind (AMX/AVX512-BF16 machines resolve it to bf16, AVX2-only ones to fp32).

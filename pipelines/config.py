@@ -185,6 +185,10 @@ class TrainConfig:
     """Non-finite steps in a row before restoring the latest checkpoint."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each Ray Train worker reserves (fractions keep a 2-core machine from deadlocking)."""
+    worker_resources: tuple[str, ...] = ()
+    """Custom Ray resources each Ray Train worker reserves besides its CPUs and GPU, as ``name:amount``
+    (``train.worker_resources=k2node:1``): with one unit of a resource on each node, every worker lands on a
+    node of its own, so a lost node takes exactly the workers on it."""
     deterministic: bool = False
     """Deterministic kernels only (``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``, NCCL's
     ring algorithm): on GPUs a killed-and-resumed run is then bit-equal to an uninterrupted one, at some
@@ -206,6 +210,12 @@ class TrainConfig:
         for name in ("checkpoint_every", "eval_every", "stats_every", "max_failures", "warmup_steps"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        for item in self.worker_resources:
+            name, _, amount = item.partition(":")
+            need(re.fullmatch(r"[A-Za-z_][\w.\-/]*", name) is not None and name not in ("CPU", "GPU", "memory")
+                 and re.fullmatch(r"\d+(\.\d+)?", amount) is not None and float(amount) > 0, "worker_resources",
+                 f"{item!r}: expected name:amount with a custom resource name (CPUs come from "
+                 "train.cpus_per_worker, GPUs from the cluster) and an amount > 0, e.g. k2node:1")
         need(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
@@ -232,6 +242,11 @@ class TrainConfig:
             validate_schedule(self.steps, self.schedule, self.warmup_steps, self.decay_fraction, self.min_lr_ratio)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def worker_resource_map(self) -> dict[str, float]:
+        """``worker_resources`` as Ray's ``{name: amount}``."""
+        return {name: float(amount) for name, _, amount in (r.partition(":") for r in self.worker_resources)}
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 Each stage runs as a Ray task whose inputs are the object references of its upstream stages' outputs,
 so Ray runs independent branches (evaluate and export) concurrently. Stage tasks only orchestrate
 (they start Ray Data or Ray Train, which reserve their own CPUs), so they reserve none (``num_cpus=0``)
-and never starve the workers they start on a small machine. This is the only place that knows the order
-of the stages.
+and never starve the workers they start on a small machine. They run on the driver's node (the head, for
+a submitted job): a stage task is where Ray Train's controller and Ray Data's executor live, so a worker
+node lost with a stage task on it would fail the stage instead of costing only the workers on that node.
+This is the only place that knows the order of the stages.
 
 Every stage is idempotent (``pipelines.stages.cache``): its output lives in a folder named by the
 fingerprint of its inputs and config, with ``_COMPLETE.json`` written last; a rerun reuses complete outputs
@@ -384,7 +386,10 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
     started = time.time()
     record = setup_tracking(cfg, nest_under)
     init_ray(cfg, ray_address)
-    task = ray.remote(num_cpus=0, max_retries=0)(run_stage)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_stage)
     # Evaluation runs the model: on a GPU when the cluster has one (it starts after pretraining, whose
     # workers hold the GPUs, have finished).
     evaluate_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

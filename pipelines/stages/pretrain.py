@@ -93,9 +93,10 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
 
         use_gpu = torch.cuda.is_available()
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resource_map}
     if use_gpu:
         resources["GPU"] = 1
+    _check_worker_resources(t)
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "train_shards": shard_refs(shard_stage_uri, manifest, "train"),
@@ -131,6 +132,20 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
     metrics = dict(result.metrics or {})
     return PretrainOutputs(run_dir=run_dir, checkpoint_uri=final, step=int(metrics.get("step", t.steps)),
                            metrics=metrics, fingerprint=fp)
+
+
+def _check_worker_resources(t) -> None:
+    """Say, before Ray Train waits for them, when the cluster lacks the custom resources the workers ask for
+    (an autoscaling cluster may still add them, so this warns rather than refuses)."""
+    import ray
+
+    from pipelines.console import say
+
+    have = ray.cluster_resources()
+    for name, amount in t.worker_resource_map.items():
+        if have.get(name, 0.0) < amount * t.num_workers:
+            say(f"[k2pipe] train.worker_resources asks {amount:g} {name} for each of {t.num_workers} workers; "
+                f"the cluster has {have.get(name, 0.0):g} now: training waits until nodes with it join")
 
 
 def _entry(loop_config: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
 
-    checkpoint-step00000050/
+    checkpoint-step00000050/                    (a resumed start adds ``-a<its start time, ms>``)
         rank-00000.shard  rank-00001.shard ...  one shard per rank (``pipelines.train.checkpoint_file``): its parameters
                                                 (local experts included), its optimizer state, step, RNG
         meta.json                               written by rank 0: step, world size, ep, math signature
@@ -155,11 +155,22 @@ class CheckpointWriter:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending: tuple[int, concurrent.futures.Future, dict[str, Any]] | None = None
         self.last_registered_path: str | None = None
+        self.folder_suffix = ""
+        """Added to this writer's folder names: a resumed start writes into folders no earlier start of the
+        run wrote (``use_fresh_folders``)."""
         self.abandoned: list[int] = []
         self.stall_seconds: list[float] = []
 
     def path_for(self, step: int) -> str:
-        return f"{self.experiment_path}/{checkpoint_dir_name(step)}"
+        return f"{self.experiment_path}/{checkpoint_dir_name(step)}{self.folder_suffix}"
+
+    def use_fresh_folders(self) -> None:
+        """From here on, write checkpoints into folders named for this start of the run (every rank takes the
+        same name: the latest start time over the ranks, in ms). A worker of an earlier start that was cut off
+        from the cluster but not from storage may still finish an upload it began; it then writes into its
+        own, never registered folder, not into a checkpoint this start registers for the same step."""
+        stamp = agree(time.time_ns() // 1_000_000, dist.ReduceOp.MAX, name="checkpoint folder names")
+        self.folder_suffix = f"-a{stamp}"
 
     # ------------------------------------------------------------------ saving
     def start(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -89,7 +89,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     storage = ctx.get_storage()
     fs = storage.storage_filesystem
     writer = trainer.checkpoint_writer(fs, storage.experiment_fs_path, RayTrainRegistry(fs))
-    callbacks.restore_latest(trainer, writer)
+    if callbacks.restore_latest(trainer, writer) is not None:
+        writer.use_fresh_folders()
 
     logger = system_metrics = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
