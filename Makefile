@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.k2pipe-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-all lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ OTHER_CPU_KIND = $(BIN)/python -c "from k2model.optim import native_bf16_matmul;
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 	$(BIN)/python -m pytest -q -m auto_dtype --cpu-kind=$$($(OTHER_CPU_KIND)) tests
+
+# Everything `make test` runs, then the multi-node fault scenarios CI skips (root and `ip netns` needed).
+test-all: test
+	$(BIN)/python -m pytest -q --fault-matrix -m fault_matrix tests
 
 clean:
 	rm -rf $(VENV) k2runs mlruns mlflow.db

@@ -16,8 +16,16 @@ logging every step to the cluster's MLflow server, and injects its fault once ML
   on the same cluster: ``bit_equal``, or the largest relative difference where the layout changed;
 - ``steps_logged_once``: every step 1..N holds exactly one ``train/loss`` value in the MLflow run.
 
-Scenarios: ``node-kill`` (every process of a worker node SIGKILLed, a spare node takes over),
-``network-cut`` (a worker node's link down for longer than Ray's health check, then healed).
+Scenarios:
+- ``node-kill``: every process of a worker node SIGKILLed; the spare node takes its place.
+- ``network-cut``: a worker node's link down for 2.5x Ray's health-check window, then healed.
+- ``s3-outage``: the S3 server unreachable from every node for 10 s while a checkpoint uploads.
+- ``preemption``: Ray drains a worker node with a preemption reason and a 15 s deadline (what a cloud's spot
+  notice becomes); the run checkpoints at the notice; at the deadline the node is killed.
+- ``elastic``: ``train.num_workers=1-2`` and no spare node: a worker node is killed, training goes on with
+  one worker (resharded), and grows back to two when the node returns; equal to float rounding.
+- ``one-node``: no fault: the same config on one machine's embedded Ray (both workers on one node) against
+  the 2-node run.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import netcluster  # noqa: E402
 
 SEQ = 32
 VOCAB = 256
-SCENARIOS = ("node-kill", "network-cut")
+SCENARIOS = ("node-kill", "network-cut", "s3-outage", "preemption", "elastic", "one-node")
 
 
 # ---------------------------------------------------------------------- data and configs
@@ -57,9 +65,11 @@ def synthetic_shards(root: str, num_shards: int = 2, rows: int = 64) -> dict[str
         with fs.open_output_stream(f"{path}/train-{s:05d}.parquet") as f:
             pq.write_table(table, f, row_group_size=16)
         shards.append({"path": f"train-{s:05d}.parquet", "num_rows": rows})
-    return {"seq_len": SEQ, "vocab_size": VOCAB, "config_hash": "synthetic", "tokenizer_sha256": "synthetic",
-            "splits": {"train": {"num_windows": rows * num_shards, "shards": shards},
-                       "val": {"num_windows": rows, "shards": shards[:1]}}}
+    manifest = {"seq_len": SEQ, "vocab_size": VOCAB, "config_hash": "synthetic", "tokenizer_sha256": "synthetic",
+                "splits": {"train": {"num_windows": rows * num_shards, "shards": shards},
+                           "val": {"num_windows": rows, "shards": shards[:1]}}}
+    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest).encode())
+    return manifest
 
 
 def fault_config(root: str, *extra: str, steps: int = 24, name: str = "faults"):
@@ -140,12 +150,21 @@ class Progress:
         except Exception:  # the server is busy or briefly unreachable: nothing new
             return []
 
-    def starts(self) -> int:
+    def history(self) -> list[dict[str, Any]]:
         try:
             tag = self.client.get_run(self.run_id).data.tags.get("k2pipe.run_history")
         except Exception:
-            return 0
-        return len(json.loads(tag)) if tag else 0
+            return []
+        return json.loads(tag) if tag else []
+
+    def tag(self, name: str) -> str | None:
+        try:
+            return self.client.get_run(self.run_id).data.tags.get(name)
+        except Exception:
+            return None
+
+    def starts(self) -> int:
+        return len(self.history())
 
 
 # ---------------------------------------------------------------------- the cluster side
@@ -209,7 +228,7 @@ def train(cluster: netcluster.Cluster, cfg, data_uri: str, manifest: dict[str, A
         starts_before = progress.starts()
         t_fault = time.time()
         figures.update(fault_node=victims[0], last_logged_step_at_fault=at_fault, seconds_into_run=t_fault - started)
-        figures.update(fault(cluster, victims[0]) or {})
+        fault(cluster, victims[0], figures, progress)
         t_restart = t_progress = None
         while thread.is_alive() and time.monotonic() < deadline:
             if t_restart is None and progress.starts() > starts_before:
@@ -222,6 +241,8 @@ def train(cluster: netcluster.Cluster, cfg, data_uri: str, manifest: dict[str, A
         figures["seconds_to_restart"] = None if t_restart is None else round(t_restart - t_fault, 2)
         figures["seconds_to_progress"] = None if t_progress is None else round(t_progress - t_fault, 2)
     thread.join(max(0.0, deadline - time.monotonic()))
+    for helper in figures.pop("_threads", []):
+        helper.join(max(0.0, deadline - time.monotonic()))
     if thread.is_alive():
         raise RuntimeError(f"{run_name}: not finished within {timeout_s:.0f} s")
     if "error" in box:
@@ -234,9 +255,14 @@ def train(cluster: netcluster.Cluster, cfg, data_uri: str, manifest: dict[str, A
     state = final_state(out.checkpoint_uri)
     figures["run_history"] = state[0]["run_history"]
     if fault is not None and len(state[0]["run_history"]) > 1:
-        figures["resumed_from_step"] = state[0]["run_history"][-1]["from_step"]
-        figures["steps_lost"] = figures["last_logged_step_at_fault"] - figures["resumed_from_step"]
+        # The first resume after the fault; steps lost count from the last step logged when the node went.
+        figures["resumed_from_step"] = state[0]["run_history"][1]["from_step"]
+        gone_at = figures.get("last_logged_step_at_kill", figures["last_logged_step_at_fault"])
+        figures["steps_lost"] = gone_at - figures["resumed_from_step"]
     figures["registered_checkpoints"] = registered_checkpoints(out.run_dir)
+    notice = progress.tag("k2pipe.preemption_notice_step")
+    if notice is not None:
+        figures["preemption_checkpoint_step"] = int(notice)
     box["state"] = state
     figures["_state"] = state
     return figures
@@ -257,56 +283,188 @@ def registered_checkpoints(run_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the faults
-def kill_node(cluster: netcluster.Cluster, victim: str) -> dict[str, Any]:
-    killed = cluster.kill(victim)
-    return {"fault": "node-kill", "processes_killed": len(killed)}
+def kill_node(cluster: netcluster.Cluster, victim: str, figures: dict[str, Any], progress: Progress) -> None:
+    """Every process of the victim node SIGKILLed; the node comes back once Ray has declared it dead."""
+    figures["processes_killed"] = len(cluster.kill(victim))
 
 
-def cut_node(hold_s: float):
-    """Cut the victim's link for ``hold_s`` seconds (longer than Ray's health check), heal it, and bring its
-    Ray back (a raylet the head declared dead exits by itself once it hears so)."""
+def cut_node(cluster: netcluster.Cluster, victim: str, figures: dict[str, Any], progress: Progress) -> None:
+    """The victim's link down for 2.5x Ray's health-check window, then up; its raylet, declared dead,
+    exits by itself once it hears so, and the node's Ray is started again."""
+    period_ms, threshold = cluster.health_check_ms
+    hold = 2.5 * period_ms * threshold / 1000
+    cluster.cut(victim)
+    figures["cut_seconds"] = hold
 
-    def fault(cluster: netcluster.Cluster, victim: str) -> dict[str, Any]:
-        cluster.cut(victim)
+    def later() -> None:
+        time.sleep(hold)
+        cluster.heal(victim)
+        deadline = time.monotonic() + 60
+        while cluster.node_pids(victim) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        figures["node_processes_left_after_heal"] = len(cluster.kill(victim))
 
-        def later() -> None:
-            time.sleep(hold_s)
-            cluster.heal(victim)
-            deadline = time.monotonic() + 60
-            while cluster.node_pids(victim) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            cluster.kill(victim)  # whatever did not exit by itself
-            cluster.start_node(victim, wait=False)
-
-        threading.Thread(target=later, daemon=True).start()
-        return {"fault": "network-cut", "cut_seconds": hold_s}
-
-    return fault
+    _background(later, figures)
 
 
-def run_scenarios(cluster: netcluster.Cluster, scenarios: list[str], steps: int = 24, fault_step: int = 10,
-                  ) -> dict[str, Any]:
+def s3_outage(cluster: netcluster.Cluster, victim: str, figures: dict[str, Any], progress: Progress) -> None:
+    """The S3 server unreachable from every node, the head included, for 10 s, during a checkpoint's upload."""
+    cluster.cut("s3")
+    figures["outage_seconds"] = 10.0
+
+    def later() -> None:
+        time.sleep(10.0)
+        cluster.heal("s3")
+
+    _background(later, figures)
+
+
+def preempt_node(cluster: netcluster.Cluster, victim: str, figures: dict[str, Any], progress: Progress) -> None:
+    """Ray's drain of the victim with a preemption reason and a 15 s deadline (what a cloud's spot notice
+    becomes); at the deadline the node is killed, as the cloud would."""
+    import os
+    import subprocess
+
+    import ray
+
+    ip = cluster.node(victim).ip
+    node_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip)
+    deadline_s = 15
+    drained = subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.ray_address,
+                              "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                              "--reason-message", "k2pipe fault benchmark",
+                              "--deadline-remaining-seconds", str(deadline_s)],
+                             capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if drained.returncode != 0:
+        raise RuntimeError(f"Ray refused to drain {victim}: {drained.stderr[-2000:]}")
+    figures["notice_seconds"] = deadline_s
+
+    def later() -> None:
+        time.sleep(deadline_s)
+        figures["last_logged_step_at_kill"] = max(progress.steps(), default=0)
+        figures["processes_killed"] = len(cluster.kill(victim))
+
+    _background(later, figures)
+
+
+def elastic_kill(cluster: netcluster.Cluster, victim: str, figures: dict[str, Any], progress: Progress) -> None:
+    """No spare node: the victim is killed, the group goes on with fewer workers; once it has trained a few
+    steps so, the node comes back and the group grows again."""
+    figures["processes_killed"] = len(cluster.kill(victim))
+
+    def later() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # 3 new steps logged by the smaller group
+            if len(progress.history()) >= 2 and max(progress.steps(), default=0) >= figures[
+                    "last_logged_step_at_fault"] + 3:
+                break
+            time.sleep(0.5)
+        figures["node_back_at_step"] = max(progress.steps(), default=0)
+        cluster.start_node(victim)
+
+    _background(later, figures)
+
+
+def _background(fn, figures: dict[str, Any]) -> None:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:  # reported with the figures
+            figures.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    figures.setdefault("_threads", []).append(thread)
+
+
+SCENARIO_SPECS: dict[str, dict[str, Any]] = {
+    # fault, the step after which it comes, extra config, whether the run must end bit-equal
+    "node-kill": {"fault": kill_node, "at": 10, "extra": (), "bit_equal": True},
+    "network-cut": {"fault": cut_node, "at": 10, "extra": (), "bit_equal": True},
+    "s3-outage": {"fault": s3_outage, "at": 7, "extra": (), "bit_equal": True},
+    "preemption": {"fault": preempt_node, "at": 6, "extra": (), "bit_equal": True},
+    "elastic": {"fault": elastic_kill, "at": 8, "bit_equal": False, "spare": False, "steps": 40,
+                "extra": ("train.num_workers=1-2", "train.elastic_resize_check_s=3")},
+}
+
+
+def one_node_run(cluster: netcluster.Cluster, data_uri: str, root: str, steps: int) -> dict[str, Any]:
+    """The reference config on one machine's embedded Ray (no cluster, no worker resources), in a process of
+    its own, reading the same shards from the cluster's S3; returns its figures."""
+    import os
+    import subprocess
+
+    env = {**os.environ, **cluster.s3_env()}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.faults", "--local-run", data_uri, root, str(steps)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"the one-node run failed: {done.stdout[-2000:]}{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _local_run(data_uri: str, root: str, steps: int) -> None:
+    import ray
+
+    from pipelines import storage
+    from pipelines.stages.pretrain import run_pretrain
+
+    manifest = json.loads(storage.read_bytes(storage.join(data_uri, "manifest.json")))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = time.time()
+    out = run_pretrain(fault_config(root, "train.worker_resources=", steps=steps), data_uri, manifest)
+    print(json.dumps({"checkpoint": out.checkpoint_uri, "seconds": round(time.time() - started, 2)}))
+
+
+def run_scenarios(cluster: netcluster.Cluster, scenarios: list[str], steps: int = 24) -> dict[str, Any]:
     connect(cluster)
     root = f"{cluster.storage}/faults-{time.strftime('%Y%m%d-%H%M%S')}"  # never resume an earlier invocation's runs
     data_uri = f"{root}/faults-data"
     manifest = synthetic_shards(data_uri)
     results: dict[str, Any] = {"cluster": {"nodes": len(cluster.nodes), "health_check_ms": cluster.health_check_ms},
-                               "steps": steps, "fault_step": fault_step, "scenarios": {}}
-    reference = train(cluster, fault_config(f"{root}/reference", steps=steps), data_uri, manifest, "reference")
-    ref_state = reference.pop("_state")
-    results["reference"] = reference
-    for name in scenarios:
-        fault = {"node-kill": kill_node, "network-cut": cut_node(2.5 * cluster.health_check_ms[0] *
-                                                                cluster.health_check_ms[1] / 1000)}[name]
-        figures = train(cluster, fault_config(f"{root}/{name}", steps=steps), data_uri, manifest, name,
-                        fault=fault, fault_step=fault_step)
-        figures["equal"] = compare_states(figures.pop("_state"), ref_state)
+                               "steps": steps, "scenarios": {}}
+    references: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+
+    def reference(n: int) -> list[dict[str, Any]]:
+        if n not in references:
+            figures = train(cluster, fault_config(f"{root}/reference-{n}", steps=n), data_uri, manifest,
+                            f"reference-{n}")
+            references[n] = (figures, figures.pop("_state"))
+            results.setdefault("references", {})[str(n)] = figures
+        return references[n][1]
+
+    reference(steps)
+    if "one-node" in scenarios:
+        figures = one_node_run(cluster, data_uri, f"{root}/one-node", steps)
+        figures["equal"] = compare_states(final_state(figures["checkpoint"]), reference(steps))
+        results["scenarios"]["one-node"] = figures
+    spare = sorted(cluster.nodes)[-1]
+    for name in (s for s in scenarios if s != "one-node"):
+        spec = SCENARIO_SPECS[name]
+        if not spec.get("spare", True):
+            cluster.kill(spare)  # only as many nodes as the group's largest size
+        n = spec.get("steps", steps)
+        figures = train(cluster, fault_config(f"{root}/{name}", *spec["extra"], steps=n), data_uri, manifest,
+                        name, fault=spec["fault"], fault_step=spec["at"])
+        figures["fault"] = name
+        figures["equal"] = compare_states(figures.pop("_state"), reference(n))
+        figures["bit_equal_expected"] = spec["bit_equal"]
         results["scenarios"][name] = figures
-        if name == "node-kill":
-            cluster.start_node(figures["fault_node"])  # the node comes back for the next scenario
-        else:
-            cluster.wait_for_nodes(set(cluster.nodes), 120)
+        # Back to three live nodes for the next scenario.
+        for node in cluster.nodes:
+            if not cluster.node_pids(node) or cluster.link_state(node) == "down":
+                cluster.heal(node)
+                cluster.kill(node)
+                cluster.start_node(node)
+        cluster.heal("s3")
+        cluster.wait_for_nodes(set(cluster.nodes), 120)
     return results
+
+
+def argparse_suppress() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--net", type=int, default=17, help="the cluster's subnet 198.18.NET.0/24")
         p.add_argument("--state-dir", default=None, help="use the cluster that `netcluster.py up` made there")
         p.add_argument("--steps", type=int, default=24)
+        p.add_argument("--local-run", nargs=3, metavar=("DATA", "ROOT", "STEPS"), help=argparse_suppress())
 
     args = parse_args(__doc__.split("\n\n")[0], argv, extra)
+    if args.local_run:
+        _local_run(args.local_run[0], args.local_run[1], int(args.local_run[2]))
+        return 0
     own = args.state_dir is None
     if own:
         why = netcluster.check_available()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -110,7 +111,20 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = 1
-    """Ray Train workers (one process each)."""
+    """Ray Train workers (one process each). A range ``MIN-MAX`` (or ``[MIN, MAX]``) sets ``min_workers`` too."""
+    min_workers: int | None = None
+    """With it, the worker group is elastic: Ray Train runs it with any size from ``min_workers`` to
+    ``num_workers`` as nodes come and go (a lost node shrinks it, a returning one grows it back), and each
+    start resumes the latest checkpoint resharded. At a size below ``num_workers`` the expert-parallel degree is
+    the largest divisor of ``ep`` that divides the data-parallel degree, and the global batch stays the same
+    (more micro-batches a worker), so the run follows the same math to float rounding. Every size in the range
+    must be a valid layout. None: a fixed group of ``num_workers``."""
+    preemption_check_every: int = 1
+    """Steps between asks whether a node of the run is about to be taken (Ray's node drain: a spot preemption
+    notice); on the first notice the run checkpoints at once. 0: never ask (Ray Train's ask is a barrier over
+    the workers)."""
+    elastic_resize_check_s: float = 60.0
+    """Elastic groups: seconds between Ray Train's checks for room to grow the group while it is healthy."""
     ep: int = 1
     """Expert-parallel degree; must divide the data-parallel degree (num_workers / pp) and
     model.num_experts."""
@@ -207,9 +221,20 @@ class TrainConfig:
         for name in ("num_workers", "ep", "pp", "steps", "micro_batch_size", "global_batch_size", "threads_per_worker",
                      "eval_batches", "shuffle_shards", "keep_checkpoints", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("checkpoint_every", "eval_every", "stats_every", "max_failures", "warmup_steps"):
+        for name in ("checkpoint_every", "eval_every", "stats_every", "max_failures", "warmup_steps",
+                     "preemption_check_every"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        need(self.elastic_resize_check_s > 0, "elastic_resize_check_s", "must be > 0 (seconds)")
+        if self.min_workers is not None:
+            need(1 <= self.min_workers <= self.num_workers, "min_workers",
+                 f"expected 1 to train.num_workers={self.num_workers}")
+            for world in range(self.min_workers, self.num_workers):
+                try:
+                    self.at_world(world)
+                except ConfigError as e:
+                    raise ConfigError(f"train.num_workers={self.min_workers}-{self.num_workers}: an elastic group "
+                                      f"may run with {world} workers, and then {e}") from None
         for item in self.worker_resources:
             name, _, amount = item.partition(":")
             need(re.fullmatch(r"[A-Za-z_][\w.\-/]*", name) is not None and name not in ("CPU", "GPU", "memory")
@@ -242,6 +267,17 @@ class TrainConfig:
             validate_schedule(self.steps, self.schedule, self.warmup_steps, self.decay_fraction, self.min_lr_ratio)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def worker_counts(self) -> tuple[int, int]:
+        """(fewest, most) workers the group runs with: equal for a fixed group."""
+        return (self.num_workers if self.min_workers is None else self.min_workers, self.num_workers)
+
+    def at_world(self, world: int) -> TrainConfig:
+        """This config as run by ``world`` workers of an elastic group: the expert-parallel degree is the
+        largest divisor of ``ep`` that divides the data-parallel degree; everything else is kept."""
+        ep = math.gcd(self.ep, max(world // self.pp, 1))
+        return dataclasses.replace(self, num_workers=world, ep=ep, min_workers=None)
 
     @property
     def worker_resource_map(self) -> dict[str, float]:
@@ -558,7 +594,29 @@ def check_device_memory(cfg: RunConfig, memory_bytes: float, where: str, device_
                       f"{plan.why()}. {advice}")
 
 
+def _worker_range(flat: dict[str, Any]) -> dict[str, Any]:
+    """``train.num_workers`` given as a range (``1-2``, ``[1, 2]``) becomes ``min_workers`` and ``num_workers``."""
+    value = flat.get("train.num_workers")
+    if isinstance(value, str):
+        text = value.strip()
+        if m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", text):
+            value = [int(m[1]), int(m[2])]
+        elif text.startswith(("[", "(")):
+            value = _yaml_value("train.num_workers", text.replace("(", "[").replace(")", "]"))
+    if not isinstance(value, (list, tuple)):
+        return flat
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"train.num_workers={value!r}: expected a count or a range MIN-MAX of two counts, e.g. 1-2")
+    low, high = value
+    if low > high:
+        raise ConfigError(f"train.num_workers={low}-{high}: the range's first count must not exceed its second")
+    if "train.min_workers" in flat:
+        raise ConfigError("train.num_workers is a range and train.min_workers is set too: give one of them")
+    return {**flat, "train.num_workers": high, "train.min_workers": None if low == high else low}
+
+
 def build_config(flat: dict[str, Any], *, vocab_from_model: bool = False) -> RunConfig:
+    flat = _worker_range(flat)
     by_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     name = flat.get("name")
     for key, value in flat.items():

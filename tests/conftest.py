@@ -7,6 +7,8 @@ CPU kind the run behaves as.
   native bf16 matrix instructions, so bf16; ``avx2``: none, so fp32), here and in every process the tests
   start; explicit dtypes are untouched. With ``-m auto_dtype`` it reruns only the tests whose numbers
   depend on what ``auto`` resolves to (``make test`` does so for the kind this machine is not).
+- ``--fault-matrix``: run the tests marked ``fault_matrix`` too (the multi-node fault scenarios beyond the
+  node kill, minutes each); without it they skip, saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ from k2model.optim import CPU_KIND_ENV, SIMULATED_CPU_KINDS
 def pytest_addoption(parser):
     parser.addoption("--cpu-kind", choices=sorted(SIMULATED_CPU_KINDS), default=None,
                      help="make optimizer.ns_dtype=auto resolve as on this CPU kind (amx: bf16, avx2: fp32)")
+    parser.addoption("--fault-matrix", action="store_true",
+                     help="also run the multi-node fault scenarios beyond the node kill (make test-all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--fault-matrix"):
+        return
+    skip = pytest.mark.skip(reason="a fault-matrix scenario: `make test-all` (pytest --fault-matrix) runs it")
+    for item in items:
+        if "fault_matrix" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_configure(config):

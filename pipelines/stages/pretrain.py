@@ -109,7 +109,10 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
         _entry,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(t.collective_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        # An elastic group gives Ray Train its range: it sizes the group to what the cluster holds.
+        scaling_config=ScalingConfig(num_workers=t.num_workers if t.min_workers is None else t.worker_counts,
+                                     use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.elastic_resize_check_s),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=run_root_path,
@@ -142,9 +145,10 @@ def _check_worker_resources(t) -> None:
     from pipelines.console import say
 
     have = ray.cluster_resources()
+    fewest = t.worker_counts[0]
     for name, amount in t.worker_resource_map.items():
-        if have.get(name, 0.0) < amount * t.num_workers:
-            say(f"[k2pipe] train.worker_resources asks {amount:g} {name} for each of {t.num_workers} workers; "
+        if have.get(name, 0.0) < amount * fewest:
+            say(f"[k2pipe] train.worker_resources asks {amount:g} {name} for each of {fewest} workers; "
                 f"the cluster has {have.get(name, 0.0):g} now: training waits until nodes with it join")
 
 

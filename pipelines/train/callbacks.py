@@ -11,7 +11,10 @@ what the metric and validation callbacks put into ``trainer.metrics``):
 - ``Validation``: the validation loss every ``train.eval_every`` steps and at the end;
 - ``MetricSink``: hands the step's metrics to a logging function (rank 0: MLflow) and prints one line;
 - ``Checkpointing``: snapshot every ``train.checkpoint_every`` steps and at the end, upload in the
-  background, register once every rank's shard has landed (``pipelines.train.checkpointing``).
+  background, register once every rank's shard has landed (``pipelines.train.checkpointing``);
+- ``PreemptionCheckpoint``: when the cluster gives notice that a node of the run will be taken (Ray's node
+  drain, as a cloud's spot preemption notice arrives), checkpoint at once and wait until it is registered,
+  so the restart after the node leaves loses only the steps trained after the notice.
 
 Nothing here imports Ray: storage is a pyarrow filesystem, registration a ``CheckpointRegistry``.
 """
@@ -19,6 +22,7 @@ Nothing here imports Ray: storage is a pyarrow filesystem, registration a ``Chec
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +194,35 @@ class Checkpointing(Callback):
         self.writer.poll_and_register(final=True)
 
 
+class PreemptionCheckpoint(Callback):
+    """Every ``every`` steps, ask ``notice()`` whether a node of the run is about to be taken (every rank
+    asks at the same steps and gets the same answer: under Ray Train, ``ray.train.get_preemption_info`` is
+    a barrier that agrees one value). On the first notice, checkpoint the step just done (or wait for the
+    one in flight) until it is registered, then train on: the restart that follows the node's departure
+    resumes from it. Once per process."""
+
+    def __init__(self, writer: CheckpointWriter, notice: Callable[[], bool] | None, every: int,
+                 announce: Callable[[int], None] | None = None):
+        self.writer, self.notice, self.every, self.announce = writer, notice, every, announce
+        self.fired_at: int | None = None
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        done = trainer.global_step
+        if self.notice is None or not self.every or self.fired_at is not None or done % self.every:
+            return
+        if not self.notice():
+            return
+        self.fired_at = done
+        t0 = time.perf_counter()
+        self.writer.checkpoint_now(done, trainer.state_dict(), {"train/loss": result.loss, **trainer.metrics,
+                                                                "step": done})
+        if trainer.rank == 0:
+            say(f"[k2pipe] preemption notice at step {done}: checkpoint registered in "
+                f"{time.perf_counter() - t0:.1f} s; training on until the node leaves")
+        if self.announce is not None:
+            self.announce(done)
+
+
 def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any] | None:
     """Load the run's latest registered checkpoint into ``trainer`` (resharded if it was written in another
     layout); returns the loaded state, or None when there is none (a fresh start)."""
@@ -211,7 +244,9 @@ def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any]
 def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops: float,
                        log: Callable[[int, dict[str, float]], None] | None = None,
                        flush: Callable[[], None] | None = None,
-                       log_stats: Callable[[int, dict[str, Any]], None] | None = None) -> list[Callback]:
+                       log_stats: Callable[[int, dict[str, Any]], None] | None = None,
+                       preemption_notice: Callable[[], bool] | None = None,
+                       announce_preemption: Callable[[int], None] | None = None) -> list[Callback]:
     """The callbacks of a pretraining run, in hook order, configured from ``trainer.cfg.train``."""
     t = trainer.cfg.train
     return [
@@ -223,4 +258,5 @@ def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops
         MetricSink(log, flush),
         StatsSnapshots(log_stats),
         Checkpointing(writer, t.checkpoint_every),
+        PreemptionCheckpoint(writer, preemption_notice, t.preemption_check_every, announce_preemption),
     ]

@@ -193,6 +193,16 @@ class CheckpointWriter:
             _write_with_retry(self.fs, f"{folder}/{META_NAME}", json.dumps(meta, default=str).encode(),
                               self.attempts, self.backoff_s)
 
+    def checkpoint_now(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """A checkpoint of ``step``, registered before this returns (unless its upload failed for good):
+        the one in flight when it is of this step, none when this step's is registered already."""
+        if self._pending is not None and self._pending[0] != step:
+            self._finish(wait=True)
+        if self._pending is None and self.last_registered_path != self.path_for(step):
+            self.start(step, state, metrics)
+        if self._pending is not None:
+            self._finish(wait=True)
+
     def poll_and_register(self, final: bool) -> None:
         if self._pending is None:
             return

@@ -9,6 +9,7 @@ Train, and the context gives the rank, the world and the run's storage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 from typing import Any
@@ -59,6 +60,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(t.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if t.min_workers is not None:  # an elastic group, started at this size: its layout for it
+        cfg = dataclasses.replace(cfg, train=t.at_world(world))
+        t = cfg.train
     device = torch.device("cpu")
     if torch.cuda.is_available() and loop_config.get("use_gpu"):
         import ray.train.torch
@@ -119,12 +123,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     trainer.callbacks = callbacks.standard_callbacks(
         trainer, writer, peak_flops=peak_flops, log=logger.log if logger else None,
-        flush=logger.flush if logger else None, log_stats=log_stats)
+        flush=logger.flush if logger else None, log_stats=log_stats, preemption_notice=_preemption_notice(),
+        announce_preemption=(lambda step: logger.set_tag("k2pipe.preemption_notice_step", str(step)))
+        if logger else None)
     try:
         trainer.fit()
     finally:
         if system_metrics is not None:
             system_metrics.finish()
+
+
+def _preemption_notice():
+    """Ray Train's preemption notice (a drained node hosts a worker of the run), or None where this Ray has
+    none."""
+    import ray.train
+
+    ask = getattr(ray.train, "get_preemption_info", None)
+    return None if ask is None else (lambda: ask() is not None)
 
 
 def _start_system_metrics(tracking_uri: str, run_id: str):

@@ -116,3 +116,58 @@ def test_a_checkpoint_of_the_older_shard_format_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match=r"lacks rank-00000.shard .*rank-00000.pt: shards of the torch.save"):
         checkpointing.load_rank_state(pafs.LocalFileSystem(), str(folder), 0, {}, 1, 1)
+
+
+def test_checkpoint_now_registers_before_it_returns_and_never_twice(tmp_path, registry):
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
+    writer.start(4, {"step": 4}, {})  # a periodic checkpoint of step 4 still in flight
+    writer.checkpoint_now(4, {"step": 4}, {})
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000004"]
+    writer.checkpoint_now(4, {"step": 4}, {})  # registered already: nothing more
+    writer.checkpoint_now(6, {"step": 6}, {})
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000004", "checkpoint-step00000006"]
+    assert writer._pending is None
+
+
+def test_a_resumed_start_writes_into_folders_of_its_own(tmp_path, registry):
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
+    first = writer.path_for(8)
+    writer.use_fresh_folders()
+    second = writer.path_for(8)
+    assert first.endswith("checkpoint-step00000008") and second.startswith(first + "-a") and second != first
+    suffix = int(second.rsplit("-a", 1)[1])
+    import time
+
+    assert abs(suffix / 1000 - time.time()) < 60, "the suffix is the start time in ms"
+
+
+def test_a_preemption_notice_checkpoints_once_at_the_step_it_comes(tmp_path, registry):
+    from pipelines.train.callbacks import PreemptionCheckpoint
+
+    class FakeTrainer:
+        rank, global_step, metrics = 0, 0, {}
+
+        def state_dict(self):
+            return {"step": self.global_step}
+
+    class Result:
+        loss = 1.0
+
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
+    asked = []
+    notice_from = 5
+
+    def notice():
+        asked.append(trainer.global_step)
+        return trainer.global_step >= notice_from
+
+    cb, trainer = PreemptionCheckpoint(writer, notice, every=2), FakeTrainer()
+    for step in range(1, 11):
+        trainer.global_step = step
+        cb.post_step(trainer, Result())
+    assert asked == [2, 4, 6], "asked every 2 steps until the notice, then never again"
+    assert cb.fired_at == 6
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006"]
