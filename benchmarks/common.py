@@ -119,3 +119,34 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._sample())
+
+
+SYNTHETIC_SEQ = 32
+SYNTHETIC_VOCAB = 256
+
+
+def synthetic_shards(root: str, num_shards: int = 2, rows: int = 64) -> dict[str, Any]:
+    """Packed shards with learnable structure (token ``(k * (i % 7 + 1) + i + shard) % 200`` at position ``k``
+    of row ``i``), in the shard stage's layout, ``manifest.json`` included, at any storage URI; returns the
+    manifest. The pretraining tests and the fault benchmark train on them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import storage
+
+    fs, path = storage.resolve(root)
+    fs.create_dir(path, recursive=True)
+    shards = []
+    for s in range(num_shards):
+        data = [((np.arange(SYNTHETIC_SEQ + 1) * (i % 7 + 1) + i + s) % 200).astype(np.int32) for i in range(rows)]
+        table = pa.table({"input_ids": pa.array([list(r) for r in data], type=pa.list_(pa.int32()))})
+        with fs.open_output_stream(f"{path}/train-{s:05d}.parquet") as f:
+            pq.write_table(table, f, row_group_size=16)
+        shards.append({"path": f"train-{s:05d}.parquet", "num_rows": rows})
+    splits = {"train": {"num_windows": rows * num_shards, "shards": shards},
+              "val": {"num_windows": rows, "shards": shards[:1]}}
+    manifest = {"seq_len": SYNTHETIC_SEQ, "vocab_size": SYNTHETIC_VOCAB, "config_hash": "synthetic",
+                "tokenizer_sha256": "synthetic", "splits": splits}
+    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest).encode())
+    return manifest

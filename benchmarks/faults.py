@@ -42,36 +42,14 @@ sys.path.insert(0, str(REPO / "infra" / "local"))
 
 import netcluster  # noqa: E402
 
-SEQ = 32
-VOCAB = 256
+from benchmarks.common import SYNTHETIC_SEQ as SEQ  # noqa: E402
+from benchmarks.common import SYNTHETIC_VOCAB as VOCAB  # noqa: E402
+from benchmarks.common import synthetic_shards  # noqa: E402
+
 SCENARIOS = ("node-kill", "network-cut", "s3-outage", "preemption", "elastic", "one-node")
 
 
 # ---------------------------------------------------------------------- data and configs
-def synthetic_shards(root: str, num_shards: int = 2, rows: int = 64) -> dict[str, Any]:
-    """Packed shards with learnable structure, in the shard stage's manifest layout (any storage URI)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines import storage
-
-    fs, path = storage.resolve(root)
-    fs.create_dir(path, recursive=True)
-    shards = []
-    for s in range(num_shards):
-        data = [((np.arange(SEQ + 1) * (i % 7 + 1) + i + s) % 200).astype(np.int32) for i in range(rows)]
-        table = pa.table({"input_ids": pa.array([list(r) for r in data], type=pa.list_(pa.int32()))})
-        with fs.open_output_stream(f"{path}/train-{s:05d}.parquet") as f:
-            pq.write_table(table, f, row_group_size=16)
-        shards.append({"path": f"train-{s:05d}.parquet", "num_rows": rows})
-    manifest = {"seq_len": SEQ, "vocab_size": VOCAB, "config_hash": "synthetic", "tokenizer_sha256": "synthetic",
-                "splits": {"train": {"num_windows": rows * num_shards, "shards": shards},
-                           "val": {"num_windows": rows, "shards": shards[:1]}}}
-    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest).encode())
-    return manifest
-
-
 def fault_config(root: str, *extra: str, steps: int = 24, name: str = "faults"):
     """``tiny`` on 2 workers (ep=2), one per node; fp32 Newton-Schulz whatever the CPU kind."""
     from pipelines.config import load_config

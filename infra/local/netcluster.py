@@ -392,7 +392,7 @@ class Cluster:
         for pid in (self.mlflow_pid, self.head_pid):
             if pid:
                 _stop_group(pid)
-        for pid in _pids_mentioning(self.temp_dir):
+        for pid in pids_mentioning(self.temp_dir):
             _signal(pid, signal.SIGKILL)
         for netns in [n.netns for n in self.nodes.values()] + [self.s3_netns]:
             sh("ip", "netns", "del", netns, check=False)
@@ -433,7 +433,7 @@ def leftovers(cluster: Cluster) -> list[str]:
         if sh("ip", "link", "show", link, check=False).returncode == 0:
             left.append(f"link {link}")
     left += [f"process {pid}" for marker in (cluster.temp_dir, cluster.state_dir)
-             for pid in _pids_mentioning(marker) if _alive(pid)]
+             for pid in pids_mentioning(marker) if _alive(pid)]
     return left
 
 
@@ -479,7 +479,8 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _pids_mentioning(marker: str) -> list[int]:
+def pids_mentioning(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a private temp dir names exactly one Ray cluster's)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

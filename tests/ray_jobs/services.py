@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "infra" / "local"))
+from netcluster import pids_mentioning  # noqa: E402  (the one implementation, stdlib only)
+
 VENV_BIN = Path(sys.executable).parent
 RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -79,7 +82,7 @@ def stop_session(proc: subprocess.Popen, marker: str | None = None, grace_s: flo
         proc.kill()
         proc.wait(timeout=5)
     if marker:
-        for pid in _pids_mentioning(marker):
+        for pid in pids_mentioning(marker):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -92,19 +95,6 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-def _pids_mentioning(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def service_env(**extra: str) -> dict[str, str]:

@@ -39,11 +39,11 @@ def cluster(tmp_path_factory):
         assert not netcluster.leftovers(c), "the cluster left processes or links behind"
 
 
-def run_faults(cluster, tmp_path, *scenarios: str, steps: int = 24) -> dict:
+def run_faults(cluster, tmp_path, *scenarios: str, steps: int = 24, timeout_s: float = 900) -> dict:
     out = tmp_path / "faults.json"
     cmd = [sys.executable, "-m", "benchmarks.faults", "--state-dir", cluster.state_dir, "--steps", str(steps),
            "--out", str(out), *(a for s in scenarios for a in ("--scenario", s))]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -132,7 +132,7 @@ def test_a_killed_node_costs_at_most_the_steps_since_a_checkpoint_and_the_run_en
 @pytest.fixture(scope="module")
 def matrix(cluster, tmp_path_factory):
     return run_faults(cluster, tmp_path_factory.mktemp("matrix"), "network-cut", "s3-outage", "preemption",
-                      "elastic", "one-node")
+                      "elastic", "one-node", timeout_s=3600)
 
 
 @pytest.mark.fault_matrix

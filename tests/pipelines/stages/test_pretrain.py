@@ -3,36 +3,23 @@ checkpoints ignored, storage outages survived, and what each rank reads back."""
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 
+from benchmarks.common import SYNTHETIC_SEQ, SYNTHETIC_VOCAB, synthetic_shards
 from pipelines import storage
 from pipelines.config import load_config
 from pipelines.stages.pretrain import run_pretrain, validate_against_data
 from pipelines.train import checkpoint_file, checkpointing
 
-SEQ = 32
-VOCAB = 256
+SEQ = SYNTHETIC_SEQ
+VOCAB = SYNTHETIC_VOCAB
 
 
 def write_shards(root: str, num_shards: int = 2, rows: int = 48) -> dict:
     """Synthetic packed shards with learnable structure, in the manifest layout of the shard stage."""
-    fs, path = storage.resolve(root)
-    fs.create_dir(path, recursive=True)
-    shards = []
-    for s in range(num_shards):
-        data = [((np.arange(SEQ + 1) * (i % 7 + 1) + i + s) % 200).astype(np.int32) for i in range(rows)]
-        table = pa.table({"input_ids": pa.array([list(r) for r in data], type=pa.list_(pa.int32()))})
-        with fs.open_output_stream(f"{path}/train-{s:05d}.parquet") as f:
-            pq.write_table(table, f, row_group_size=16)
-        shards.append({"path": f"train-{s:05d}.parquet", "num_rows": rows})
-    return {"seq_len": SEQ, "vocab_size": VOCAB, "config_hash": "synthetic", "tokenizer_sha256": "synthetic",
-            "splits": {"train": {"num_windows": rows * num_shards, "shards": shards},
-                       "val": {"num_windows": rows, "shards": shards[:1]}}}
+    return synthetic_shards(root, num_shards, rows)
 
 
 def make_config(store: str, *extra: str, workers: int = 1, ep: int = 1, name: str = "t"):
