@@ -21,7 +21,8 @@ Scenarios:
 - ``network-cut``: a worker node's link down for 2.5x Ray's health-check window, then healed.
 - ``s3-outage``: the S3 server unreachable from every node for 10 s while a checkpoint uploads.
 - ``preemption``: Ray drains a worker node with a preemption reason and a 15 s deadline (what a cloud's spot
-  notice becomes); the run checkpoints at the notice; at the deadline the node is killed.
+  notice becomes); the run (checkpoints 20 steps apart) checkpoints at the notice; at the deadline the node
+  is killed.
 - ``elastic``: ``train.num_workers=1-2`` and no spare node: a worker node is killed, training goes on with
   one worker (resharded), and grows back to two when the node returns; equal to float rounding.
 - ``one-node``: no fault: the same config on one machine's embedded Ray (both workers on one node) against
@@ -360,7 +361,9 @@ SCENARIO_SPECS: dict[str, dict[str, Any]] = {
     "node-kill": {"fault": kill_node, "at": 10, "extra": (), "bit_equal": True},
     "network-cut": {"fault": cut_node, "at": 10, "extra": (), "bit_equal": True},
     "s3-outage": {"fault": s3_outage, "at": 7, "extra": (), "bit_equal": True},
-    "preemption": {"fault": preempt_node, "at": 6, "extra": (), "bit_equal": True},
+    # Checkpoints 20 steps apart: without the notice's checkpoint the kill would cost up to 20 steps.
+    "preemption": {"fault": preempt_node, "at": 6, "extra": ("train.checkpoint_every=20",), "bit_equal": True,
+                   "steps": 40},
     "elastic": {"fault": elastic_kill, "at": 8, "bit_equal": False, "spare": False, "steps": 40,
                 "extra": ("train.num_workers=1-2", "train.elastic_resize_check_s=3")},
 }
@@ -439,6 +442,22 @@ def run_scenarios(cluster: netcluster.Cluster, scenarios: list[str], steps: int 
     return results
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The scenarios as a Markdown table."""
+    rows = ["| scenario | fault node | last step logged at the fault | resumed from | steps lost | s to restart | "
+            "s to progress | starts (world, ep) | equal to the uninterrupted run | every step in MLflow once |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in results["scenarios"].items():
+        eq = f["equal"]
+        equal = "bit for bit" if eq["bit_equal"] else f"max relative difference {eq['max_relative_difference']:.1e}"
+        starts = ", ".join(f"({h['world_size']}, {h['ep']}) from {h['from_step']}" for h in f.get("run_history", []))
+        rows.append(f"| {name} | {f.get('fault_node', '-')} | {f.get('last_logged_step_at_fault', '-')} | "
+                    f"{f.get('resumed_from_step', '-')} | {f.get('steps_lost', '-')} | "
+                    f"{f.get('seconds_to_restart', '-')} | {f.get('seconds_to_progress', '-')} | {starts or '-'} | "
+                    f"{equal} | {f.get('steps_logged_once', '-')} |")
+    return "\n".join(rows) + "\n"
+
+
 def argparse_suppress() -> str:
     import argparse
 
@@ -473,11 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own:
             cluster.down()
-    for name, f in results["scenarios"].items():
-        print(f"{name:<12} steps lost {f.get('steps_lost')}  restart {f.get('seconds_to_restart')} s  "
-              f"progress {f.get('seconds_to_progress')} s  bit-equal {f['equal']['bit_equal']}  "
-              f"logged once {f['steps_logged_once']}")
     write_json(args.out, results)
+    print(markdown(results))
+    if args.out:
+        head = (f"<!-- {time.strftime('%Y-%m-%d')}; command: python -m benchmarks.faults "
+                f"{' '.join(argv if argv is not None else sys.argv[1:])}; figures in {Path(args.out).name} -->\n\n")
+        Path(args.out).with_suffix(".md").write_text(head + markdown(results))
     return 0
 
 

@@ -134,12 +134,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _preemption_notice():
-    """Ray Train's preemption notice (a drained node hosts a worker of the run), or None where this Ray has
-    none."""
+    """Ray Train's preemption notice as ``PreemptionCheckpoint`` takes it (None: no notice; else the deadline
+    in epoch seconds, ``inf`` when none was given), or None where this Ray has no notices."""
+    import math
+
     import ray.train
 
     ask = getattr(ray.train, "get_preemption_info", None)
-    return None if ask is None else (lambda: ask() is not None)
+    if ask is None:
+        return None
+
+    def notice() -> float | None:
+        info = ask()
+        if info is None:
+            return None
+        return math.inf if info.deadline_ms is None else info.deadline_ms / 1000
+
+    return notice
 
 
 def _start_system_metrics(tracking_uri: str, run_id: str):

@@ -162,17 +162,20 @@ def test_an_s3_outage_during_an_upload_costs_no_restart(cluster, matrix):
 
 
 @pytest.mark.fault_matrix
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-03 (benchmarks/results/faults/): the notice's checkpoint "
+                   "lands, but Ray Train restarted the group from its last periodic checkpoint (step 20) after the "
+                   "run had reached step 40, losing 20 steps; open in issue 22")
 def test_a_preemption_notice_checkpoints_before_the_node_goes(cluster, matrix):
     pre = matrix["scenarios"]["preemption"]
     # The workers saw the notice after the drain (Ray polls drains every few seconds) and checkpointed that
-    # very step; the run resumed from it or from a later periodic checkpoint, never from an earlier one, so
-    # it lost only steps trained after the notice.
+    # very step (periodic checkpoints are 20 steps apart); they trained on while the deadline left room,
+    # checkpointed the last step that fit and waited, so the node's departure cost no step.
     notice = pre["preemption_checkpoint_step"]
     resumed = pre["run_history"][1]["from_step"]
     assert pre["last_logged_step_at_fault"] <= notice <= resumed, pre
-    assert 0 <= pre["steps_lost"] == pre["last_logged_step_at_kill"] - resumed, pre
+    assert pre["steps_lost"] == pre["last_logged_step_at_kill"] - resumed == 0, pre
     assert pre["steps_logged_once"], pre
-    assert_bit_equal(cluster, pre["checkpoint"], matrix["references"]["24"]["checkpoint"], 24)
+    assert_bit_equal(cluster, pre["checkpoint"], matrix["references"]["40"]["checkpoint"], 40)
 
 
 @pytest.mark.fault_matrix

@@ -143,8 +143,15 @@ def test_a_resumed_start_writes_into_folders_of_its_own(tmp_path, registry):
     assert abs(suffix / 1000 - time.time()) < 60, "the suffix is the start time in ms"
 
 
-def test_a_preemption_notice_checkpoints_once_at_the_step_it_comes(tmp_path, registry):
+def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_and_waits(tmp_path, registry,
+                                                                                       monkeypatch):
+    from pipelines.train import callbacks
     from pipelines.train.callbacks import PreemptionCheckpoint
+
+    clock = {"t": 1000.0}  # the steps take 1 s each on this clock; sleeping advances it
+    monkeypatch.setattr(callbacks.time, "time", lambda: clock["t"])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(callbacks.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
 
     class FakeTrainer:
         rank, global_step, metrics = 0, 0, {}
@@ -158,16 +165,22 @@ def test_a_preemption_notice_checkpoints_once_at_the_step_it_comes(tmp_path, reg
     writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
                                             registry=registry)
     asked = []
-    notice_from = 5
 
-    def notice():
+    def notice():  # the drain is announced at step 5 with a deadline 10.5 s later
         asked.append(trainer.global_step)
-        return trainer.global_step >= notice_from
+        return 1000.0 + 5 + 10.5 if trainer.global_step >= 5 else None
 
-    cb, trainer = PreemptionCheckpoint(writer, notice, every=2), FakeTrainer()
-    for step in range(1, 11):
+    cb, trainer = PreemptionCheckpoint(writer, notice, every=2, grace_s=30), FakeTrainer()
+    for step in range(1, 25):
+        clock["t"] += 1.0
         trainer.global_step = step
         cb.post_step(trainer, Result())
+        if cb.parked_at is not None:
+            break
     assert asked == [2, 4, 6], "asked every 2 steps until the notice, then never again"
     assert cb.fired_at == 6
-    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006"]
+    # Steps take 1 s and checkpoints no time here. After step 14 (t=1014) another step would end at 1015,
+    # less than a step before the deadline 1015.5: the run checkpoints step 14 and waits.
+    assert cb.parked_at == 14
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006", "checkpoint-step00000014"]
+    assert clock["t"] >= 1015.5 + 30, "waited out the deadline and the grace before training on"
