@@ -150,3 +150,19 @@ def synthetic_shards(root: str, num_shards: int = 2, rows: int = 64) -> dict[str
                 "tokenizer_sha256": "synthetic", "splits": splits}
     storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest).encode())
     return manifest
+
+
+def flat_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every tensor in nested dicts and lists, by its path (``/model/w``): for comparing training states."""
+    import torch
+
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flat_tensors(v, f"{prefix}/{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    return out

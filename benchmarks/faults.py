@@ -31,7 +31,9 @@ Scenarios:
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 import threading
 import time
@@ -45,7 +47,7 @@ import netcluster  # noqa: E402
 
 from benchmarks.common import SYNTHETIC_SEQ as SEQ  # noqa: E402
 from benchmarks.common import SYNTHETIC_VOCAB as VOCAB  # noqa: E402
-from benchmarks.common import synthetic_shards  # noqa: E402
+from benchmarks.common import flat_tensors, synthetic_shards  # noqa: E402
 
 SCENARIOS = ("node-kill", "network-cut", "s3-outage", "preemption", "elastic", "one-node")
 
@@ -75,21 +77,6 @@ def final_state(checkpoint_uri: str) -> list[dict[str, Any]]:
     return [checkpoint_file.decode(storage.read_bytes(storage.join(checkpoint_uri, n))) for n in names]
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    import torch
-
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat(v, f"{prefix}/{i}"))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    return out
-
-
 def compare_states(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
     """Same layout: every tensor of every rank's parameters and optimizer state, bit for bit; the largest
     relative difference of the parameters either way (experts concatenated over the ranks)."""
@@ -99,7 +86,8 @@ def compare_states(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str
     bit_equal = same_layout and all(sa["step"] == sb["step"] for sa, sb in zip(a, b))
     if bit_equal:
         for sa, sb in zip(a, b):
-            fa, fb = _flat({"m": sa["model"], "o": sa["optimizer"]}), _flat({"m": sb["model"], "o": sb["optimizer"]})
+            fa = flat_tensors({"m": sa["model"], "o": sa["optimizer"]})
+            fb = flat_tensors({"m": sb["model"], "o": sb["optimizer"]})
             if fa.keys() != fb.keys() or not all(torch.equal(fa[k], fb[k]) for k in fa):
                 bit_equal = False
                 break
@@ -242,7 +230,6 @@ def train(cluster: netcluster.Cluster, cfg, data_uri: str, manifest: dict[str, A
     notice = progress.tag("k2pipe.preemption_notice_step")
     if notice is not None:
         figures["preemption_checkpoint_step"] = int(notice)
-    box["state"] = state
     figures["_state"] = state
     return figures
 
@@ -256,8 +243,6 @@ def registered_checkpoints(run_dir: str) -> list[str]:
     except (FileNotFoundError, OSError):
         return []
     text = json.dumps(snap)
-    import re
-
     return sorted(set(re.findall(r"checkpoint-step\d+(?:-a\d+)?", text)))
 
 
@@ -458,12 +443,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
-
-
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import parse_args, write_json
 
@@ -472,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--net", type=int, default=17, help="the cluster's subnet 198.18.NET.0/24")
         p.add_argument("--state-dir", default=None, help="use the cluster that `netcluster.py up` made there")
         p.add_argument("--steps", type=int, default=24)
-        p.add_argument("--local-run", nargs=3, metavar=("DATA", "ROOT", "STEPS"), help=argparse_suppress())
+        p.add_argument("--local-run", nargs=3, metavar=("DATA", "ROOT", "STEPS"), help=argparse.SUPPRESS)
 
     args = parse_args(__doc__.split("\n\n")[0], argv, extra)
     if args.local_run:

@@ -14,8 +14,8 @@ what the metric and validation callbacks put into ``trainer.metrics``):
   background, register once every rank's shard has landed (``pipelines.train.checkpointing``);
 - ``PreemptionCheckpoint``: when the cluster gives notice that a node of the run will be taken (Ray's node
   drain, as a cloud's spot preemption notice arrives), checkpoint at once, train on while the deadline
-  leaves room, then checkpoint the last step that fits and wait for the restart: the departure costs no
-  step.
+  leaves room, then checkpoint the last step that fits and wait for the restart (meant to cost no step;
+  measured so far, Ray Train restarted from an older checkpoint: ``benchmarks/results/faults/``).
 
 Nothing here imports Ray: storage is a pyarrow filesystem, registration a ``CheckpointRegistry``.
 """

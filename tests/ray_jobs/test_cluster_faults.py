@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO / "infra" / "local"))
 
 import netcluster  # noqa: E402
 
+from benchmarks.common import flat_tensors  # noqa: E402
+
 WHY_NOT = netcluster.check_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces: {WHY_NOT}")]
 
@@ -74,19 +76,6 @@ def read_state(cluster, checkpoint_uri: str) -> list[dict]:
     return states
 
 
-def tensors(obj, prefix=""):
-    import torch
-
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from tensors(v, f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from tensors(v, f"{prefix}/{i}")
-    elif isinstance(obj, torch.Tensor):
-        yield prefix, obj
-
-
 @pytest.fixture(scope="module")
 def node_kill(cluster, tmp_path_factory):
     return run_faults(cluster, tmp_path_factory.mktemp("node-kill"), "node-kill")
@@ -107,8 +96,8 @@ def assert_bit_equal(cluster, checkpoint_a: str, checkpoint_b: str, steps: int) 
     a, b = read_state(cluster, checkpoint_a), read_state(cluster, checkpoint_b)
     assert [s["step"] for s in a] == [s["step"] for s in b] == [steps] * len(b)
     for sa, sb in zip(a, b):
-        ta = dict(tensors({"m": sa["model"], "o": sa["optimizer"]}))
-        tb = dict(tensors({"m": sb["model"], "o": sb["optimizer"]}))
+        ta = flat_tensors({"m": sa["model"], "o": sa["optimizer"]})
+        tb = flat_tensors({"m": sb["model"], "o": sb["optimizer"]})
         assert ta.keys() == tb.keys()
         for name in ta:
             assert torch.equal(ta[name], tb[name]), name

@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from benchmarks.common import SYNTHETIC_SEQ, SYNTHETIC_VOCAB, synthetic_shards
+from benchmarks.common import SYNTHETIC_SEQ, SYNTHETIC_VOCAB, flat_tensors, synthetic_shards
 from pipelines import storage
 from pipelines.config import load_config
 from pipelines.stages.pretrain import run_pretrain, validate_against_data
@@ -44,23 +44,10 @@ def assert_same_training_state(a: list[dict], b: list[dict]) -> None:
         assert sa["step"] == sb["step"]
         for name, tensor in sa["model"].items():
             assert torch.equal(tensor, sb["model"][name]), name
-        flat_a, flat_b = _flat(sa["optimizer"]), _flat(sb["optimizer"])
+        flat_a, flat_b = flat_tensors(sa["optimizer"]), flat_tensors(sb["optimizer"])
         assert flat_a.keys() == flat_b.keys()
         for key in flat_a:
             assert torch.equal(flat_a[key], flat_b[key]), key
-
-
-def _flat(obj, prefix=""):
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat(v, f"{prefix}/{i}"))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    return out
 
 
 @pytest.fixture(scope="module")
