@@ -22,7 +22,9 @@ Scenarios:
 - ``s3-outage``: the S3 server unreachable from every node for 10 s while a checkpoint uploads.
 - ``preemption``: Ray drains a worker node with a preemption reason and a 15 s deadline (what a cloud's spot
   notice becomes); the run (checkpoints 20 steps apart) checkpoints at the notice; at the deadline the node
-  is killed.
+  is killed. The 40-step run may end near the deadline: its last step is checkpointed at once.
+- ``preemption-midrun``: the same on an 80-step run (checkpoints 50 steps apart) that the deadline
+  interrupts: the last step that fits before it is checkpointed and the group waits for the restart.
 - ``elastic``: ``train.num_workers=1-2`` and no spare node: a worker node is killed, training goes on with
   one worker (resharded), and grows back to two when the node returns; equal to float rounding.
 - ``one-node``: no fault: the same config on one machine's embedded Ray (both workers on one node) against
@@ -49,7 +51,7 @@ from benchmarks.common import SYNTHETIC_SEQ as SEQ  # noqa: E402
 from benchmarks.common import SYNTHETIC_VOCAB as VOCAB  # noqa: E402
 from benchmarks.common import flat_tensors, synthetic_shards  # noqa: E402
 
-SCENARIOS = ("node-kill", "network-cut", "s3-outage", "preemption", "elastic", "one-node")
+SCENARIOS = ("node-kill", "network-cut", "s3-outage", "preemption", "preemption-midrun", "elastic", "one-node")
 
 
 # ---------------------------------------------------------------------- data and configs
@@ -227,9 +229,10 @@ def train(cluster: netcluster.Cluster, cfg, data_uri: str, manifest: dict[str, A
         gone_at = figures.get("last_logged_step_at_kill", figures["last_logged_step_at_fault"])
         figures["steps_lost"] = gone_at - figures["resumed_from_step"]
     figures["registered_checkpoints"] = registered_checkpoints(out.run_dir)
-    notice = progress.tag("k2pipe.preemption_notice_step")
-    if notice is not None:
-        figures["preemption_checkpoint_step"] = int(notice)
+    for tag, key in (("notice", "preemption_checkpoint_step"), ("parked", "preemption_parked_step")):
+        value = progress.tag(f"k2pipe.preemption_{tag}_step")
+        if value is not None:
+            figures[key] = int(value)
     figures["_state"] = state
     return figures
 
@@ -349,6 +352,9 @@ SCENARIO_SPECS: dict[str, dict[str, Any]] = {
     # Checkpoints 20 steps apart: without the notice's checkpoint the kill would cost up to 20 steps.
     "preemption": {"fault": preempt_node, "at": 6, "extra": ("train.checkpoint_every=20",), "bit_equal": True,
                    "steps": 40},
+    # Long enough that the deadline comes mid-run: the last step that fits is checkpointed and the group waits.
+    "preemption-midrun": {"fault": preempt_node, "at": 6, "extra": ("train.checkpoint_every=50",),
+                          "bit_equal": True, "steps": 80},
     "elastic": {"fault": elastic_kill, "at": 8, "bit_equal": False, "spare": False, "steps": 40,
                 "extra": ("train.num_workers=1-2", "train.elastic_resize_check_s=3")},
 }

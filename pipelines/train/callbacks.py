@@ -203,15 +203,21 @@ class PreemptionCheckpoint(Callback):
     deadline (epoch seconds; ``inf`` when the cluster gave none). Every rank asks at the same steps and gets
     the same answer (under Ray Train, ``ray.train.get_preemption_info`` is a barrier that agrees one value).
 
-    On the notice, checkpoint the step just done (or wait for the one in flight) until it is registered, and
-    train on. While the deadline is ahead, each further step first checks (one agreed flag) whether another
-    step plus a checkpoint still fits before it, with a step's time to spare; when not, it checkpoints that
-    step and waits: the node's departure then costs no step. The wait ends when Ray Train restarts the group,
-    or, should the node stay after all, ``grace_s`` past the deadline, when training goes on."""
+    On the notice, checkpoint the step just done (or wait for the one in flight) until it is registered and
+    settled (``CheckpointRegistry.settle``: under Ray Train, taken by the controller, which happens only at
+    its next poll of the workers), and train on. While the deadline is ahead, each further step first checks
+    (one agreed flag) whether another step plus a settled checkpoint (timed at the notice) still fits before
+    it, with a step's time to spare; when not, it checkpoints that step, lets it settle and waits: the node's
+    departure then costs no step. The wait ends when Ray Train restarts the group at the deadline, or, should
+    the group not be restarted, ``grace_s`` past the deadline, when training goes on. When the run reaches
+    ``last_step`` first, that step is checkpointed and settled at once: the run may not return before the
+    node goes, and a restart then has nothing left to train."""
 
     def __init__(self, writer: CheckpointWriter, notice: Callable[[], float | None] | None, every: int,
-                 announce: Callable[[int], None] | None = None, grace_s: float = 60.0):
+                 announce: Callable[[str, int], None] | None = None, grace_s: float = 60.0,
+                 last_step: int | None = None):
         self.writer, self.notice, self.every, self.announce, self.grace_s = writer, notice, every, announce, grace_s
+        self.last_step = last_step
         self.fired_at: int | None = None
         self.deadline = math.inf
         self.parked_at: int | None = None
@@ -235,32 +241,52 @@ class PreemptionCheckpoint(Callback):
             if deadline is None:
                 return
             self.fired_at, self.deadline = done, deadline
-            t0 = time.perf_counter()
-            self.writer.checkpoint_now(done, trainer.state_dict(), metrics)
-            self.checkpoint_s = time.perf_counter() - t0
+            t0 = time.monotonic()
+            settled = self._checkpoint(done, trainer, metrics, deadline)
+            self._last = time.monotonic()  # the next step's time leaves this checkpoint out
+            self.checkpoint_s = self._last - t0
             if trainer.rank == 0:
                 left = ("no deadline given" if math.isinf(deadline)
                         else f"{deadline - time.time():.0f} s before the node goes")
-                say(f"[k2pipe] preemption notice at step {done}: checkpoint registered in {self.checkpoint_s:.1f} s; "
+                held = "registered" if settled else "registered (not yet taken by the controller)"
+                say(f"[k2pipe] preemption notice at step {done}: checkpoint {held} in {self.checkpoint_s:.1f} s; "
                     f"training on ({left})")
             if self.announce is not None:
-                self.announce(done)
+                self.announce("notice", done)
             return
-        if self.parked_at is not None or math.isinf(self.deadline):
+        if self.parked_at is not None:
+            return
+        if done == self.last_step:
+            # The run ends here, perhaps not before the node goes: its last step settled, a restart has
+            # nothing left to train.
+            self._checkpoint(done, trainer, metrics, self.deadline)
+            return
+        if math.isinf(self.deadline):
             return
         # Room for another step and its checkpoint, with one step to spare? Every rank must agree.
         late = time.time() + 2 * self.step_s + self.checkpoint_s >= self.deadline
         if not agree(int(late), dist.ReduceOp.MAX, name="preemption deadline"):
             return
         self.parked_at = done
-        self.writer.checkpoint_now(done, trainer.state_dict(), metrics)
+        settled = self._checkpoint(done, trainer, metrics, self.deadline)
         if trainer.rank == 0:
-            say(f"[k2pipe] step {done} checkpointed before the preemption deadline; waiting for the restart")
+            say(f"[k2pipe] step {done} checkpointed before the preemption deadline "
+                f"({'registered' if settled else 'not yet taken by the controller at the deadline'}); "
+                "waiting for the restart")
+        if self.announce is not None:
+            self.announce("parked", done)
         until = self.deadline + self.grace_s
         while time.time() < until:
             time.sleep(0.5)
         if trainer.rank == 0:
             say(f"[k2pipe] the node was not taken within {self.grace_s:.0f} s of its deadline; training on")
+
+
+    def _checkpoint(self, step: int, trainer: Trainer, metrics: dict[str, Any], deadline: float) -> bool:
+        """Checkpoint ``step`` now and wait until the registration settles, at most until the deadline (a
+        minute when none was given); whether it settled."""
+        self.writer.checkpoint_now(step, trainer.state_dict(), metrics)
+        return self.writer.registry.settle(60.0 if math.isinf(deadline) else max(0.0, deadline - time.time()))
 
 
 def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any] | None:
@@ -286,7 +312,7 @@ def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops
                        flush: Callable[[], None] | None = None,
                        log_stats: Callable[[int, dict[str, Any]], None] | None = None,
                        preemption_notice: Callable[[], float | None] | None = None,
-                       announce_preemption: Callable[[int], None] | None = None) -> list[Callback]:
+                       announce_preemption: Callable[[str, int], None] | None = None) -> list[Callback]:
     """The callbacks of a pretraining run, in hook order, configured from ``trainer.cfg.train``."""
     t = trainer.cfg.train
     return [
@@ -298,5 +324,6 @@ def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops
         MetricSink(log, flush),
         StatsSnapshots(log_stats),
         Checkpointing(writer, t.checkpoint_every),
-        PreemptionCheckpoint(writer, preemption_notice, t.preemption_check_every, announce_preemption),
+        PreemptionCheckpoint(writer, preemption_notice, t.preemption_check_every, announce_preemption,
+                             last_step=t.steps),
     ]

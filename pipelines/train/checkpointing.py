@@ -61,6 +61,10 @@ class CheckpointRegistry(Protocol):
     def latest(self) -> str | None:
         """The folder of the latest checkpoint registered before this run started, or None."""
 
+    def settle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every registration made so far is held where a restart finds it;
+        True once it is, False on the timeout or where that cannot be told."""
+
 
 class LocalRegistry:
     """A ``CheckpointRegistry`` without Ray: rank 0 writes ``latest_checkpoint.json`` (the folder of the
@@ -89,6 +93,10 @@ class LocalRegistry:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Nothing to report to without Ray: the writer's ``abandoned`` list and the log hold it."""
+
+    def settle(self, timeout_s: float) -> bool:
+        """The pointer is written before ``register`` returns."""
+        return True
 
     def latest(self) -> str | None:
         path = f"{self.experiment_path}/{self.POINTER}"

@@ -49,6 +49,29 @@ class RayTrainRegistry:
         checkpoint = ray.train.get_checkpoint()
         return None if checkpoint is None else checkpoint.path
 
+    def settle(self, timeout_s: float) -> bool:
+        """``ray.train.report`` returns once its result is queued on this worker; the controller takes it (and
+        registers the checkpoint) at its next poll of the workers, every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+        (2 s by default). A worker killed before that poll loses the registration, so this waits until the
+        queue is empty. Ray Train has no public call for it: the worker's result queue is read through its
+        internal train context, and where that is not there (another Ray) this says False."""
+        import time
+
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            results = get_train_context().execution_context.result_queue
+        except (ImportError, AttributeError, RuntimeError):
+            return False
+        if not hasattr(results, "unfinished_tasks"):  # a queue.Queue counts what is put and not yet taken
+            return False
+        until = time.monotonic() + timeout_s
+        while results.unfinished_tasks:
+            if time.monotonic() > until:
+                return False
+            time.sleep(0.02)
+        return True
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point that Ray Train runs in every worker."""
@@ -124,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainer.callbacks = callbacks.standard_callbacks(
         trainer, writer, peak_flops=peak_flops, log=logger.log if logger else None,
         flush=logger.flush if logger else None, log_stats=log_stats, preemption_notice=_preemption_notice(),
-        announce_preemption=(lambda step: logger.set_tag("k2pipe.preemption_notice_step", str(step)))
+        announce_preemption=(lambda what, step: logger.set_tag(f"k2pipe.preemption_{what}_step", str(step)))
         if logger else None)
     try:
         trainer.fit()

@@ -103,6 +103,46 @@ def test_killed_worker_resumes_exactly(reference_ep2, data, tmp_path):
     assert_same_training_state(final_shards(out.checkpoint_uri, 2), reference_ep2[1])
 
 
+def test_a_registration_settles_once_the_controller_has_taken_it(ray_local, tmp_path):
+    """``RayTrainRegistry.settle`` reads Ray Train's internal result queue (the preemption checkpoint waits on
+    it): this Ray still has it, and once it says settled the controller holds the checkpoint."""
+    import json
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "settle.json"
+
+    def loop(config):
+        import time
+
+        import pyarrow.fs as pafs
+
+        from pipelines.train.worker import RayTrainRegistry
+
+        fs = pafs.LocalFileSystem()
+        folder = f"{ray.train.get_context().get_storage().experiment_fs_path}/checkpoint-one"
+        fs.create_dir(folder)
+        with fs.open_output_stream(f"{folder}/meta.json") as f:
+            f.write(b"{}")
+        registry = RayTrainRegistry(fs)
+        registry.register(folder, {"step": 1})
+        t0 = time.monotonic()
+        settled = registry.settle(30.0)
+        took = time.monotonic() - t0
+        time.sleep(1.0)  # stay past the settle: a finished worker's queue is drained anyway
+        with open(config["out"], "w") as f:
+            json.dump({"settled": settled, "took": took}, f)
+
+    result = TorchTrainer(loop, train_loop_config={"out": str(out)},
+                          scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                          run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="settle")).fit()
+    seen = json.loads(out.read_text())
+    assert seen["settled"] is True, "settle could not read Ray Train's result queue"
+    assert seen["took"] < 30.0
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoint-one")
+
+
 def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local, data, tmp_path):
     root, manifest = data
     reference = run_pretrain(make_config(str(tmp_path / "ref")), root, manifest)

@@ -43,6 +43,9 @@ class RecordingRegistry:
     def latest(self):
         return None
 
+    def settle(self, timeout_s):
+        return True
+
 
 @pytest.fixture
 def registry():
@@ -170,6 +173,14 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
         asked.append(trainer.global_step)
         return 1000.0 + 5 + 10.5 if trainer.global_step >= 5 else None
 
+    settled = []
+
+    def settle(timeout_s):  # the controller takes a registration at its next poll: 1.5 s later here
+        settled.append((len(registry.calls), clock["t"], timeout_s))
+        clock["t"] += 1.5
+        return True
+
+    registry.settle = settle
     cb, trainer = PreemptionCheckpoint(writer, notice, every=2, grace_s=30), FakeTrainer()
     for step in range(1, 25):
         clock["t"] += 1.0
@@ -179,8 +190,48 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
             break
     assert asked == [2, 4, 6], "asked every 2 steps until the notice, then never again"
     assert cb.fired_at == 6
-    # Steps take 1 s and checkpoints no time here. After step 14 (t=1014) another step would end at 1015,
-    # less than a step before the deadline 1015.5: the run checkpoints step 14 and waits.
-    assert cb.parked_at == 14
-    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006", "checkpoint-step00000014"]
+    assert cb.checkpoint_s == 1.5, "a checkpoint's time includes its settling"
+    # Steps take 1 s; a checkpoint settles 1.5 s after it is registered. The notice's checkpoint settles at
+    # t=1007.5; after step 11 (t=1012.5) another step and a settled checkpoint would end at 1015, less than a
+    # step before the deadline 1015.5: the run checkpoints step 11, lets it settle, and waits.
+    assert cb.step_s == 1.0, "the step time leaves the notice's checkpoint out"
+    assert cb.parked_at == 11
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006", "checkpoint-step00000011"]
+    assert [(n, t) for n, t, _ in settled] == [(1, 1006.0), (2, 1012.5)], "each settled after its registration"
+    assert settled[1][2] == pytest.approx(1015.5 - 1012.5), "settling waits at most until the deadline"
     assert clock["t"] >= 1015.5 + 30, "waited out the deadline and the grace before training on"
+
+
+def test_under_a_preemption_notice_the_last_step_is_settled_before_the_run_returns(tmp_path, registry):
+    """A run that ends before the deadline may still be running (flushing, returning) when the node goes:
+    its last step is registered and settled at once, so a restart has nothing left to train."""
+    from pipelines.train.callbacks import PreemptionCheckpoint
+
+    class FakeTrainer:
+        rank, global_step, metrics = 0, 0, {}
+
+        def state_dict(self):
+            return {"step": self.global_step}
+
+    class Result:
+        loss = 1.0
+
+    settled, announced = [], []
+    registry.settle = lambda timeout_s: settled.append(len(registry.calls)) or True
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
+    import time
+
+    cb = PreemptionCheckpoint(writer, lambda: time.time() + 3600, every=1, last_step=5,
+                              announce=lambda what, step: announced.append((what, step)))
+    trainer = FakeTrainer()
+    for step in range(1, 6):
+        trainer.global_step = step
+        if step == 5:
+            writer.start(5, trainer.state_dict(), {})  # the periodic callback's final upload, in flight
+        cb.post_step(trainer, Result())
+    assert cb.fired_at == 1 and cb.parked_at is None, "an hour's notice: trained on, never parked"
+    names = [c[1].rsplit("/", 1)[1] for c in registry.calls]
+    assert names == ["checkpoint-step00000001", "checkpoint-step00000005"], "the final upload, not a second one"
+    assert settled == [1, 2], "each settled after its registration"
+    assert announced == [("notice", 1)]
