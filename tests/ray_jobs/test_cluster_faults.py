@@ -129,9 +129,25 @@ def matrix(cluster, tmp_path_factory):
 
 
 @pytest.mark.fault_matrix
-def test_two_nodes_train_what_one_node_trains(cluster, matrix):
+def test_two_nodes_train_what_one_node_trains(cluster, matrix, tmp_path, monkeypatch):
     one = matrix["scenarios"]["one-node"]
-    assert_bit_equal(cluster, one["checkpoint"], matrix["references"]["24"]["checkpoint"], 24)
+    two = matrix["references"]["24"]["checkpoint"]
+    assert_bit_equal(cluster, one["checkpoint"], two, 24)
+    # And the Hugging Face exports of the two runs are the same bytes.
+    from benchmarks.faults import fault_config
+    from pipelines.hf_folder import CheckpointTensors
+    from pipelines.stages.export import write_hf_folder
+
+    for key, value in cluster.s3_env().items():
+        monkeypatch.setenv(key, value)
+    model = fault_config(str(tmp_path)).model
+    exports = []
+    for name, uri in (("one-node", one["checkpoint"]), ("two-nodes", two)):
+        with CheckpointTensors(uri, model.num_experts) as source:
+            written = write_hf_folder(source, model, str(tmp_path / name))
+        exports.append({file: w["sha256"] for file, w in written.items()})
+    assert any(file.endswith(".safetensors") for file in exports[0]), exports[0]
+    assert exports[0] == exports[1]
 
 
 @pytest.mark.fault_matrix
