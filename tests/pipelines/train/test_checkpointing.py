@@ -146,6 +146,18 @@ def test_a_resumed_start_writes_into_folders_of_its_own(tmp_path, registry):
     assert abs(suffix / 1000 - time.time()) < 60, "the suffix is the start time in ms"
 
 
+class StepTrainer:
+    """What ``PreemptionCheckpoint`` reads of a trainer: the rank, the step and the state to checkpoint."""
+    rank, global_step, metrics = 0, 0, {}
+
+    def state_dict(self):
+        return {"step": self.global_step}
+
+
+class StepResult:
+    loss = 1.0
+
+
 def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_and_waits(tmp_path, registry,
                                                                                        monkeypatch):
     from pipelines.train import callbacks
@@ -155,15 +167,6 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
     monkeypatch.setattr(callbacks.time, "time", lambda: clock["t"])
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["t"])
     monkeypatch.setattr(callbacks.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
-
-    class FakeTrainer:
-        rank, global_step, metrics = 0, 0, {}
-
-        def state_dict(self):
-            return {"step": self.global_step}
-
-    class Result:
-        loss = 1.0
 
     writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
                                             registry=registry)
@@ -181,11 +184,11 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
         return True
 
     registry.settle = settle
-    cb, trainer = PreemptionCheckpoint(writer, notice, every=2, grace_s=30), FakeTrainer()
+    cb, trainer = PreemptionCheckpoint(writer, notice, every=2, grace_s=30), StepTrainer()
     for step in range(1, 25):
         clock["t"] += 1.0
         trainer.global_step = step
-        cb.post_step(trainer, Result())
+        cb.post_step(trainer, StepResult())
         if cb.parked_at is not None:
             break
     assert asked == [2, 4, 6], "asked every 2 steps until the notice, then never again"
@@ -207,15 +210,6 @@ def test_under_a_preemption_notice_the_last_step_is_settled_before_the_run_retur
     its last step is registered and settled at once, so a restart has nothing left to train."""
     from pipelines.train.callbacks import PreemptionCheckpoint
 
-    class FakeTrainer:
-        rank, global_step, metrics = 0, 0, {}
-
-        def state_dict(self):
-            return {"step": self.global_step}
-
-    class Result:
-        loss = 1.0
-
     settled, announced = [], []
     registry.settle = lambda timeout_s: settled.append(len(registry.calls)) or True
     writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
@@ -224,12 +218,12 @@ def test_under_a_preemption_notice_the_last_step_is_settled_before_the_run_retur
 
     cb = PreemptionCheckpoint(writer, lambda: time.time() + 3600, every=1, last_step=5,
                               announce=lambda what, step: announced.append((what, step)))
-    trainer = FakeTrainer()
+    trainer = StepTrainer()
     for step in range(1, 6):
         trainer.global_step = step
         if step == 5:
             writer.start(5, trainer.state_dict(), {})  # the periodic callback's final upload, in flight
-        cb.post_step(trainer, Result())
+        cb.post_step(trainer, StepResult())
     assert cb.fired_at == 1 and cb.parked_at is None, "an hour's notice: trained on, never parked"
     names = [c[1].rsplit("/", 1)[1] for c in registry.calls]
     assert names == ["checkpoint-step00000001", "checkpoint-step00000005"], "the final upload, not a second one"
