@@ -225,6 +225,9 @@ class PreemptionCheckpoint(Callback):
         self.step_s = 0.0
         """Seconds a step takes, smoothed (post_step to post_step)."""
         self.checkpoint_s = 0.0
+        """Seconds a preemption checkpoint takes until it counts: its write and registration as timed at the
+        notice, plus its settling, at least the registry's ``max_settle_s`` (the wait for the controller's
+        next poll varies from one checkpoint to the next)."""
 
     def post_step(self, trainer: Trainer, result: StepResult) -> None:
         now = time.monotonic()
@@ -241,15 +244,14 @@ class PreemptionCheckpoint(Callback):
             if deadline is None:
                 return
             self.fired_at, self.deadline = done, deadline
-            t0 = time.monotonic()
-            settled = self._checkpoint(done, trainer, metrics, deadline)
+            settled, write_s, settle_s = self._checkpoint(done, trainer, metrics, deadline)
             self._last = time.monotonic()  # the next step's time leaves this checkpoint out
-            self.checkpoint_s = self._last - t0
+            self.checkpoint_s = write_s + max(settle_s, getattr(self.writer.registry, "max_settle_s", 0.0))
             if trainer.rank == 0:
                 left = ("no deadline given" if math.isinf(deadline)
                         else f"{deadline - time.time():.0f} s before the node goes")
                 held = "registered" if settled else "registered (not yet taken by the controller)"
-                say(f"[k2pipe] preemption notice at step {done}: checkpoint {held} in {self.checkpoint_s:.1f} s; "
+                say(f"[k2pipe] preemption notice at step {done}: checkpoint {held} in {write_s + settle_s:.1f} s; "
                     f"training on ({left})")
             if self.announce is not None:
                 self.announce("notice", done)
@@ -268,7 +270,7 @@ class PreemptionCheckpoint(Callback):
         if not agree(int(late), dist.ReduceOp.MAX, name="preemption deadline"):
             return
         self.parked_at = done
-        settled = self._checkpoint(done, trainer, metrics, self.deadline)
+        settled = self._checkpoint(done, trainer, metrics, self.deadline)[0]
         if trainer.rank == 0:
             say(f"[k2pipe] step {done} checkpointed before the preemption deadline "
                 f"({'registered' if settled else 'not yet taken by the controller at the deadline'}); "
@@ -281,11 +283,15 @@ class PreemptionCheckpoint(Callback):
         if trainer.rank == 0:
             say(f"[k2pipe] the node was not taken within {self.grace_s:.0f} s of its deadline; training on")
 
-    def _checkpoint(self, step: int, trainer: Trainer, metrics: dict[str, Any], deadline: float) -> bool:
+    def _checkpoint(self, step: int, trainer: Trainer, metrics: dict[str, Any],
+                    deadline: float) -> tuple[bool, float, float]:
         """Checkpoint ``step`` now and wait until the registration settles, at most until the deadline (a
-        minute when none was given); whether it settled."""
+        minute when none was given): whether it settled, and the seconds of the write and of the settling."""
+        t0 = time.monotonic()
         self.writer.checkpoint_now(step, trainer.state_dict(), metrics)
-        return self.writer.registry.settle(60.0 if math.isinf(deadline) else max(0.0, deadline - time.time()))
+        t1 = time.monotonic()
+        settled = self.writer.registry.settle(60.0 if math.isinf(deadline) else max(0.0, deadline - time.time()))
+        return settled, t1 - t0, time.monotonic() - t1
 
 
 def restore_latest(trainer: Trainer, writer: CheckpointWriter) -> dict[str, Any] | None:

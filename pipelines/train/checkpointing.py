@@ -61,6 +61,9 @@ class CheckpointRegistry(Protocol):
     def latest(self) -> str | None:
         """The folder of the latest checkpoint registered before this run started, or None."""
 
+    max_settle_s: float
+    """The longest a registration takes to settle when all is well (a preemption checkpoint's margin)."""
+
     def settle(self, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) until every registration made so far is held where a restart finds it;
         True once it is, False on the timeout or where that cannot be told."""
@@ -72,6 +75,7 @@ class LocalRegistry:
     it; older checkpoints beyond ``keep`` are deleted. ``registered`` holds the ``keep`` newest folders."""
 
     POINTER = "latest_checkpoint.json"
+    max_settle_s = 0.0
 
     def __init__(self, fs: pafs.FileSystem, experiment_path: str, rank: int, keep: int = 2):
         self.fs, self.experiment_path, self.rank, self.keep = fs, experiment_path.rstrip("/"), rank, keep

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +32,8 @@ class RayTrainRegistry:
 
     def __init__(self, fs):
         self.fs = fs
+        # The controller's poll period (Ray Train reads it from the same variable, default 2 s).
+        self.max_settle_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
     def register(self, folder: str, metrics: dict[str, Any]) -> None:
         import ray.train

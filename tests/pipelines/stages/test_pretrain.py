@@ -132,7 +132,7 @@ def test_a_registration_settles_once_the_controller_has_taken_it(ray_local, tmp_
         took = time.monotonic() - t0
         time.sleep(1.0)  # stay past the settle: a finished worker's queue is drained anyway
         with open(config["out"], "w") as f:
-            json.dump({"settled": settled, "took": took}, f)
+            json.dump({"settled": settled, "took": took, "max_settle_s": registry.max_settle_s}, f)
 
     result = TorchTrainer(loop, train_loop_config={"out": str(out)},
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
@@ -140,6 +140,7 @@ def test_a_registration_settles_once_the_controller_has_taken_it(ray_local, tmp_
     seen = json.loads(out.read_text())
     assert seen["settled"] is True, "settle could not read Ray Train's result queue"
     assert seen["took"] < 30.0
+    assert seen["max_settle_s"] == 0.2, "the controller's poll period, as ray_local sets it"
     assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoint-one")
 
 

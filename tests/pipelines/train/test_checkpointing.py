@@ -43,6 +43,8 @@ class RecordingRegistry:
     def latest(self):
         return None
 
+    max_settle_s = 0.0
+
     def settle(self, timeout_s):
         return True
 
@@ -158,8 +160,9 @@ class StepResult:
     loss = 1.0
 
 
-def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_and_waits(tmp_path, registry,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize("max_settle_s, parked, settled_at", [(0.0, 11, 1012.5), (2.5, 10, 1011.5)])
+def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_and_waits(
+        tmp_path, registry, monkeypatch, max_settle_s, parked, settled_at):
     from pipelines.train import callbacks
     from pipelines.train.callbacks import PreemptionCheckpoint
 
@@ -183,7 +186,7 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
         clock["t"] += 1.5
         return True
 
-    registry.settle = settle
+    registry.settle, registry.max_settle_s = settle, max_settle_s
     cb, trainer = PreemptionCheckpoint(writer, notice, every=2, grace_s=30), StepTrainer()
     for step in range(1, 25):
         clock["t"] += 1.0
@@ -193,15 +196,18 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
             break
     assert asked == [2, 4, 6], "asked every 2 steps until the notice, then never again"
     assert cb.fired_at == 6
-    assert cb.checkpoint_s == 1.5, "a checkpoint's time includes its settling"
-    # Steps take 1 s; a checkpoint settles 1.5 s after it is registered. The notice's checkpoint settles at
-    # t=1007.5; after step 11 (t=1012.5) another step and a settled checkpoint would end at 1015, less than a
-    # step before the deadline 1015.5: the run checkpoints step 11, lets it settle, and waits.
+    assert cb.checkpoint_s == max(1.5, max_settle_s), "a checkpoint's time includes its settling, at least the most"
+    # Steps take 1 s; a checkpoint settles 1.5 s after it is registered (the registry may say it can take
+    # longer). The notice's checkpoint settles at t=1007.5, and step k ends at 1001.5 + k. After step 11
+    # (t=1012.5) another step and a checkpoint settled in 1.5 s would end at 1015, less than a step before the
+    # deadline 1015.5: the run checkpoints step 11, lets it settle, and waits. Where settling may take 2.5 s,
+    # that comes a step earlier.
     assert cb.step_s == 1.0, "the step time leaves the notice's checkpoint out"
-    assert cb.parked_at == 11
-    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006", "checkpoint-step00000011"]
-    assert [(n, t) for n, t, _ in settled] == [(1, 1006.0), (2, 1012.5)], "each settled after its registration"
-    assert settled[1][2] == pytest.approx(1015.5 - 1012.5), "settling waits at most until the deadline"
+    assert cb.parked_at == parked
+    assert [c[1].rsplit("/", 1)[1] for c in registry.calls] == ["checkpoint-step00000006",
+                                                                 f"checkpoint-step{parked:08d}"]
+    assert [(n, t) for n, t, _ in settled] == [(1, 1006.0), (2, settled_at)], "each settled after its registration"
+    assert settled[1][2] == pytest.approx(1015.5 - settled_at), "settling waits at most until the deadline"
     assert clock["t"] >= 1015.5 + 30, "waited out the deadline and the grace before training on"
 
 
