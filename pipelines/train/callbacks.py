@@ -221,9 +221,10 @@ class PreemptionCheckpoint(Callback):
         self.fired_at: int | None = None
         self.deadline = math.inf
         self.parked_at: int | None = None
-        self._last = time.monotonic()
+        self._last: float | None = None
         self.step_s = 0.0
-        """Seconds a step takes, smoothed (post_step to post_step)."""
+        """Seconds a step takes, smoothed (post_step to post_step; the first step of a start, which carries
+        the start-up and the restore, is left out)."""
         self.checkpoint_s = 0.0
         """Seconds a preemption checkpoint takes until it counts: its write and registration as timed at the
         notice, plus its settling, at least the registry's ``max_settle_s`` (the wait for the controller's
@@ -231,8 +232,10 @@ class PreemptionCheckpoint(Callback):
 
     def post_step(self, trainer: Trainer, result: StepResult) -> None:
         now = time.monotonic()
-        took, self._last = now - self._last, now
-        self.step_s = took if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * took
+        if self._last is not None:
+            took = now - self._last
+            self.step_s = took if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * took
+        self._last = now
         done = trainer.global_step
         if self.notice is None or not self.every:
             return

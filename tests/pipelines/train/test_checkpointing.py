@@ -211,6 +211,25 @@ def test_a_preemption_notice_checkpoints_at_once_then_the_last_step_that_fits_an
     assert clock["t"] >= 1015.5 + 30, "waited out the deadline and the grace before training on"
 
 
+def test_the_step_time_leaves_out_the_first_step_of_a_start(tmp_path, registry, monkeypatch):
+    """The first step of a start carries the start-up (workers, data, the restore): counted, it would make
+    steps look slow for many steps after, and the group would stop to wait for the deadline far too early."""
+    from pipelines.train import callbacks
+    from pipelines.train.callbacks import PreemptionCheckpoint
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["t"])
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path), rank=0, signature={}, world_size=1, ep=1,
+                                            registry=registry)
+    cb, trainer = PreemptionCheckpoint(writer, lambda: None, every=1), StepTrainer()
+    clock["t"] += 40.0  # the start-up, and the first step
+    for step in range(1, 4):
+        clock["t"] += 0.5
+        trainer.global_step = step
+        cb.post_step(trainer, StepResult())
+    assert cb.step_s == 0.5
+
+
 def test_under_a_preemption_notice_the_last_step_is_settled_before_the_run_returns(tmp_path, registry):
     """A run that ends before the deadline may still be running (flushing, returning) when the node goes:
     its last step is registered and settled at once, so a restart has nothing left to train."""
