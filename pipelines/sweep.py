@@ -497,26 +497,31 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
 
 
 def _claim_plot(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> bytes | None:
-    """The training-loss curves of the claim's two variants, one line a run (PNG)."""
+    """One line a run of the claim's two variants (PNG): the series a series claim averages, its window
+    shaded; else the training loss."""
     import io
+    import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = claim.series or "train/loss"
     chosen = [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
-              and results[m.run_name]["series"].get("train/loss")]
+              and results[m.run_name]["series"].get(key)]
     if not chosen:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {claim.variant: "tab:blue", claim.baseline: "tab:orange"}
     for m in chosen:
-        steps, values = zip(*results[m.run_name]["series"]["train/loss"])
+        steps, values = zip(*results[m.run_name]["series"][key])
         ax.plot(steps, values, color=colors[m.variant], alpha=0.7, label=f"{m.variant}{_suffix(m.point)} s{m.seed}")
+    if claim.series:
+        ax.axvspan(0, claim.over_steps, color="0.85", zorder=0, label=f"the claim's first {claim.over_steps} steps")
     ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
-    ax.set_title(claim.claim[:80])
+    ax.set_ylabel(key)
+    ax.set_title(textwrap.fill(claim.claim, 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     buf = io.BytesIO()

@@ -61,6 +61,25 @@ def test_the_report_takes_each_side_at_its_best_grid_point_and_says_where_it_lie
     assert partial["claims"][0]["n"] == 2
 
 
+def test_a_series_claim_plots_its_series_and_a_metric_claim_the_loss():
+    from pipelines.sweep import _claim_plot
+
+    sweep = Sweep(name="s", base="ci", overrides={}, seeds=(0, 1), variants={"a": Variant("a", {}, {}),
+                                                                             "b": Variant("b", {}, {})},
+                  claims=())
+    runs = members(sweep)
+    balance = Claim("a balances better", "a", "b", series="moe/load_imbalance", over_steps=2)
+    loss = Claim("a beats b", "a", "b", metric="final/val_loss")
+    only_balance = {m.run_name: {**_result(1.0), "series": {"moe/load_imbalance": [(1, 2.0), (2, 1.5), (3, 1.2)]}}
+                    for m in runs}
+    png = _claim_plot(sweep, runs, only_balance, balance)
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _claim_plot(sweep, runs, only_balance, loss) is None, "no training loss to plot"
+    only_loss = {m.run_name: {**_result(1.0), "series": {"train/loss": [(1, 3.0), (2, 2.0)]}} for m in runs}
+    assert _claim_plot(sweep, runs, only_loss, balance) is None, "the loss is not the claim's series"
+    assert _claim_plot(sweep, runs, only_loss, loss) is not None
+
+
 def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline():
     sweep = Sweep(name="t", base="ci", overrides={}, seeds=(0, 1),
                   variants={"short": Variant("short", {}, {"train.steps": [10, 20, 30]}), "base": Variant("base", {})},
