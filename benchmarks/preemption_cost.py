@@ -1,7 +1,7 @@
 """What asking for a preemption notice costs a training step: ``ray.train.get_preemption_info()`` (a barrier
-over the workers, through Ray Train's synchronisation actor) against one all-reduce of a scalar over the
-workers' process group (gloo), which the trainer makes several of every step anyway, timed side by side in
-the same workers.
+over the workers, through Ray Train's synchronisation actor) against one agreed flag over the workers'
+process group (``k2model.distributed.agree``, an all-reduce of one integer over gloo; the trainer makes
+several such reductions every step anyway), timed side by side in the same workers.
 
     python -m benchmarks.preemption_cost [--quick] --out FILE.json
 
@@ -24,16 +24,16 @@ from typing import Any
 
 def _loop(config: dict[str, Any]) -> None:
     import ray.train
-    import torch
     import torch.distributed as dist
+
+    from k2model.distributed import agree
 
     rounds, per_round = config["rounds"], config["per_round"]
     asks: list[float] = []
     reduces: list[float] = []
-    flag = torch.zeros(1)
     for _ in range(3):  # warm both paths
         ray.train.get_preemption_info()
-        dist.all_reduce(flag)
+        agree(0, dist.ReduceOp.MAX, name="preemption cost")
     for _ in range(rounds):
         for _ in range(per_round):
             t0 = time.perf_counter()
@@ -41,7 +41,7 @@ def _loop(config: dict[str, Any]) -> None:
             asks.append(time.perf_counter() - t0)
         for _ in range(per_round):
             t0 = time.perf_counter()
-            dist.all_reduce(flag)
+            agree(0, dist.ReduceOp.MAX, name="preemption cost")
             reduces.append(time.perf_counter() - t0)
 
     def summary(times: list[float]) -> dict[str, float]:
@@ -51,7 +51,7 @@ def _loop(config: dict[str, Any]) -> None:
 
     if ray.train.get_context().get_world_rank() == 0:  # the workers run on this machine: a file carries it back
         with open(config["out"], "w") as f:
-            json.dump({"get_preemption_info": summary(asks), "all_reduce": summary(reduces)}, f)
+            json.dump({"get_preemption_info": summary(asks), "agree": summary(reduces)}, f)
 
 
 def measure(rounds: int, per_round: int) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def measure(rounds: int, per_round: int) -> dict[str, Any]:
         ray.shutdown()
     with open(out) as f:
         figures = json.load(f)  # rank 0's timings
-    figures["ratio_median"] = figures["get_preemption_info"]["median_ms"] / figures["all_reduce"]["median_ms"]
+    figures["ratio_median"] = figures["get_preemption_info"]["median_ms"] / figures["agree"]["median_ms"]
     return {"workers": 2, "rounds": rounds, "per_round": per_round, "rank0": figures}
 
 
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(rounds, per_round)
     f = results["rank0"]
     print("| call | median ms | p90 ms | calls |\n|---|---|---|---|")
-    for name in ("get_preemption_info", "all_reduce"):
+    for name in ("get_preemption_info", "agree"):
         print(f"| {name} | {f[name]['median_ms']:.2f} | {f[name]['p90_ms']:.2f} | {f[name]['calls']} |")
-    print(f"get_preemption_info / all_reduce (medians): {f['ratio_median']:.1f}x")
+    print(f"get_preemption_info / agree (medians): {f['ratio_median']:.1f}x")
     write_json(args.out, results)
     return 0
 

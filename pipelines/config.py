@@ -122,7 +122,7 @@ class TrainConfig:
     preemption_check_every: int = 1
     """Steps between asks whether a node of the run is about to be taken (Ray's node drain: a spot preemption
     notice); on the first notice the run checkpoints at once, and checkpoints the last step that fits before
-    the deadline. 0: never ask. Ray Train's ask is a barrier over the workers (about 9 ms on a loaded 2-core
+    the deadline. 0: never ask. Ray Train's ask is a barrier over the workers (about 5 ms on an idle 2-core
     machine, ``benchmarks/results/preemption_cost.md``) and its watcher polls drains every 5 s: where steps
     take well under a second, ask every few steps."""
     elastic_resize_check_s: float = 60.0
