@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -58,8 +59,6 @@ class RayTrainRegistry:
         (2 s by default). A worker killed before that poll loses the registration, so this waits until the
         queue is empty. Ray Train has no public call for it: the worker's result queue is read through its
         internal train context, and where that is not there (another Ray) this says False."""
-        import time
-
         try:
             from ray.train.v2._internal.execution.context import get_train_context
 
