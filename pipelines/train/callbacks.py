@@ -249,7 +249,7 @@ class PreemptionCheckpoint(Callback):
             self.fired_at, self.deadline = done, deadline
             settled, write_s, settle_s = self._checkpoint(done, trainer, metrics, deadline)
             self._last = time.monotonic()  # the next step's time leaves this checkpoint out
-            self.checkpoint_s = write_s + max(settle_s, getattr(self.writer.registry, "max_settle_s", 0.0))
+            self.checkpoint_s = write_s + max(settle_s, self.writer.registry.max_settle_s)
             if trainer.rank == 0:
                 left = ("no deadline given" if math.isinf(deadline)
                         else f"{deadline - time.time():.0f} s before the node goes")

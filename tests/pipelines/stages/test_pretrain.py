@@ -105,7 +105,9 @@ def test_killed_worker_resumes_exactly(reference_ep2, data, tmp_path):
 
 def test_a_registration_settles_once_the_controller_has_taken_it(ray_local, tmp_path):
     """``RayTrainRegistry.settle`` reads Ray Train's internal result queue (the preemption checkpoint waits on
-    it): this Ray still has it, and once it says settled the controller holds the checkpoint."""
+    it): on this Ray it finds the queue and sees it emptied, and ``max_settle_s`` is the controller's poll
+    period. (That the controller then holds the checkpoint is Ray's doing; the result's checkpoint only
+    confirms the report went through, as it would once the worker returned anyway.)"""
     import json
 
     import ray.train
