@@ -31,6 +31,12 @@ The data stages run once per distinct data config; then the runs go to the clust
 at a time), each a pipeline run up to ``evaluate`` whose MLflow parent run is nested under the sweep's
 parent run. A sweep resumes: finished runs are reused whole, unfinished ones resume from their checkpoints,
 and the report is built from what has finished, saying what has not.
+
+Every report also writes ``runs.json``: each finished run's numbers and series with a fingerprint of its
+config. ``reuse`` takes such files from earlier reports (another storage root, another tracking server, an
+earlier machine): a run found there whose fingerprint matches its config now, and whose data (the shard
+stage's fingerprint, which covers the corpus's listing) matches this sweep's, is carried over as finished and
+not run again; one whose config or data has changed since runs again, and the report says so.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ SWEEP_DIR = Path(__file__).parent / "sweeps"
 KINDS = ("paired", "tokens_to_match")
 DETAILS = ("max_logit",)
 QUICK_STEPS = 3
+RUNS_FILE = "runs.json"
+# The config sections that decide what a run measures (storage, tracking and the run's name do not).
+MEASURED_SECTIONS = ("model", "optimizer", "data", "train", "evaluate")
 
 
 # ---------------------------------------------------------------------- the sweep file
@@ -223,6 +232,45 @@ def member_config(sweep: Sweep, member: Member, extra: dict[str, Any] | None = N
         raise ConfigError(f"{sweep.source}: run {member.run_name}: {e}") from None
 
 
+def config_fingerprint(cfg: RunConfig) -> str:
+    """A short hash of what decides a run's numbers, to tell a carried-over run from a changed one."""
+    return storage.fingerprint({s: dataclasses.asdict(getattr(cfg, s)) for s in MEASURED_SECTIONS})
+
+
+def carry_over(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], sources: list[str]
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The finished runs of earlier reports' ``runs.json`` files (``sources``) that this sweep can take as
+    they are: same sweep, same run name, same config fingerprint. Returns them, and the runs found whose
+    config has changed since (run name: the file), which are not carried over. ``run_sweep`` then checks
+    the carried runs' data fingerprints once the data stages have run (a report-only call cannot)."""
+    carried: dict[str, dict[str, Any]] = {}
+    changed: dict[str, str] = {}
+    wanted = {m.run_name for m in runs}
+    for source in sources:
+        uri = storage.normalize_uri(source)
+        if storage.exists(uri) and not storage.is_file(uri):
+            uri = storage.join(uri, RUNS_FILE)
+        if not storage.exists(uri):
+            raise ConfigError(f"--reuse {source}: no such file (give the {RUNS_FILE} of an earlier report of "
+                              f"sweep {sweep.name}, or its folder)")
+        doc = storage.read_json(uri)
+        _need(isinstance(doc, dict) and isinstance(doc.get("runs"), dict), uri,
+              f"not a sweep's {RUNS_FILE}: it needs a 'runs' mapping of run name to results")
+        _need(doc.get("sweep") == sweep.name, uri,
+              f"holds runs of sweep {doc.get('sweep')!r}, not of {sweep.name!r}")
+        for name, result in doc["runs"].items():
+            if name not in wanted or name in carried:
+                continue
+            _need(isinstance(result, dict) and isinstance(result.get("metrics"), dict), uri,
+                  f"run {name}: needs 'metrics' (and 'series', 'tokens_per_step', 'tau')")
+            if result.get("fingerprint") == config_fingerprint(configs[name]):
+                carried[name] = {k: v for k, v in result.items() if k != "carried_from"} | {"carried_from": source}
+                changed.pop(name, None)
+            else:
+                changed[name] = source
+    return carried, changed
+
+
 # ---------------------------------------------------------------------- running
 def _sweep_tracking(sweep: Sweep, cfg: RunConfig, quick: bool) -> dict[str, Any] | None:
     """The sweep's parent run (created once, found again by its name), recorded beside the sweep's report."""
@@ -247,9 +295,10 @@ def _sweep_tracking(sweep: Sweep, cfg: RunConfig, quick: bool) -> dict[str, Any]
 
 
 def run_sweep(sweep: Sweep, *, quick: bool = False, extra: dict[str, Any] | None = None,
-              ray_address: str | None = None, parallel: int | None = None, report_only: bool = False
-              ) -> dict[str, Any]:
-    """Run (or resume) every member, then write the report; returns the report's record."""
+              ray_address: str | None = None, parallel: int | None = None, report_only: bool = False,
+              reuse: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) every member not carried over from ``reuse`` (earlier reports' ``runs.json``), then
+    write the report; returns the report's record."""
     from pipelines.cluster import init_ray
     from pipelines.console import say
     from pipelines.dag import PipelineError, run_pipeline
@@ -258,40 +307,54 @@ def run_sweep(sweep: Sweep, *, quick: bool = False, extra: dict[str, Any] | None
     configs = {m.run_name: member_config(sweep, m, extra) for m in runs}
     first = next(iter(configs.values()))
     root = storage.normalize_uri(first.storage.root)
+    carried, changed = carry_over(sweep, runs, configs, reuse or [])
+    to_run = {name: cfg for name, cfg in configs.items() if name not in carried}
     record = _sweep_tracking(sweep, first, quick)
     failures: dict[str, str] = {}
-    if not report_only:
+    if carried:
+        say(f"[k2pipe] sweep {sweep.name}: {len(carried)} finished runs carried over, not run again")
+    for name, source in changed.items():
+        say(f"[k2pipe] sweep {sweep.name}: {name} in {source} ran another config: not carried over")
+    if not report_only and (to_run or carried):
         init_ray(first, ray_address)
         # The data stages once per distinct data config, one after another (two runs building the same
         # stage folder at once would race); the runs then find them complete.
-        seen: set[str] = set()
+        # A carried-over run counts only if its data is this sweep's (the shard stage's fingerprint covers
+        # the corpus's listing as well as the data config), so its data stages run (or are found) too.
+        data_fp: dict[str, str | None] = {}
         for cfg in configs.values():
             key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
-            if key not in seen:
-                seen.add(key)
-                run_pipeline(cfg, until="shard", ray_address=ray_address,
-                             nest_under=record["run_id"] if record else None)
+            if key not in data_fp:
+                done = run_pipeline(cfg, until="shard", ray_address=ray_address,
+                                    nest_under=record["run_id"] if record else None)
+                data_fp[key] = done.stages["shard"].fingerprint
+        for name in list(carried):
+            key = json.dumps(dataclasses.asdict(configs[name].data), sort_keys=True, default=str)
+            if carried[name].get("data_fingerprint") not in (None, data_fp[key]):
+                changed[name] = carried.pop(name)["carried_from"]
+                say(f"[k2pipe] sweep {sweep.name}: {name} in {changed[name]} trained on other data: runs again")
+                to_run[name] = configs[name]
         if parallel is None:
             import ray
 
             per_run = max(first.train.num_workers * first.train.cpus_per_worker, 0.5)
             parallel = max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
-        say(f"[k2pipe] sweep {sweep.name}: {len(runs)} runs, {min(parallel, len(runs))} at a time")
+        say(f"[k2pipe] sweep {sweep.name}: {len(to_run)} runs, {min(parallel, len(to_run))} at a time")
 
         def one(cfg: RunConfig) -> None:
             run_pipeline(cfg, until="evaluate", ray_address=ray_address,
                          nest_under=record["run_id"] if record else None)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            futures = {pool.submit(one, cfg): name for name, cfg in configs.items()}
+            futures = {pool.submit(one, cfg): name for name, cfg in to_run.items()}
             for future in concurrent.futures.as_completed(futures):
                 try:
                     future.result()
                 except PipelineError as e:
                     failures[futures[future]] = str(e)
                     say(f"[k2pipe] sweep {sweep.name}: run {futures[future]} failed: {e}")
-    results = collect(sweep, runs, configs, record)
-    report = build_report(sweep, runs, configs, results, quick=quick, failures=failures)
+    results = {**carried, **collect(sweep, runs, configs, record)}  # a run tracked here wins over a carried one
+    report = build_report(sweep, runs, configs, results, quick=quick, failures=failures, changed=changed)
     out = storage.join(root, "sweeps", sweep.name + ("-quick" if quick else ""))
     for name, data in report["files"].items():
         storage.write_bytes(storage.join(out, name), data)
@@ -336,6 +399,7 @@ def collect(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], rec
                 series[key] = sorted((p.step, p.value) for p in points)
         cfg = configs[m.run_name]
         out[m.run_name] = {"metrics": dict(parent.data.metrics), "series": series,
+                           "data_fingerprint": parent.data.tags.get("shard.fingerprint"),
                            "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
                            "tau": cfg.optimizer.qk_clip_tau}
     return out
@@ -407,8 +471,10 @@ def _tokens_to_match(runs, results, claim, seeds, baseline_final: dict[int, floa
 
 
 def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], results: dict[str, dict[str, Any]],
-                 *, quick: bool = False, failures: dict[str, str] | None = None) -> dict[str, Any]:
-    """The Markdown report (every seed's numbers, a verdict per claim) with its plots, from what finished."""
+                 *, quick: bool = False, failures: dict[str, str] | None = None,
+                 changed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Markdown report (every seed's numbers, a verdict per claim) with its plots, from what finished;
+    and ``runs.json``, every finished run's results with its config's fingerprint (``carry_over``)."""
     lines = [f"# Sweep `{sweep.name}`" + (" (quick)" if quick else ""), ""]
     if quick:
         lines += ["**A wiring check, not evidence:** one seed and at most "
@@ -418,6 +484,14 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
     lines += [f"Base `{sweep.base}`, seeds {sorted({m.seed for m in runs})}, {len(runs)} runs; {len(results)} finished."
               + (f" The full sweep takes about {sweep.hours:g} h on 2 CPU cores." if sweep.hours else ""), ""]
     missing = [m.run_name for m in runs if m.run_name not in results]
+    carried = sorted({r["carried_from"] for r in results.values() if r.get("carried_from")})
+    for source in carried:
+        names = [m.run_name for m in runs if results.get(m.run_name, {}).get("carried_from") == source]
+        lines += [f"Carried over from `{source}` ({len(names)} runs, not run again here): "
+                  + ", ".join(f"`{n}`" for n in names), ""]
+    if changed:
+        lines += ["In an earlier report, but under another config or on other data, so not carried over: "
+                  + ", ".join(f"`{n}`" for n in changed), ""]
     if missing:
         lines += [f"Not finished ({len(missing)}): " + ", ".join(f"`{n}`" for n in missing), ""]
     for name, why in (failures or {}).items():
@@ -493,6 +567,10 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
     files["report.json"] = json.dumps({"sweep": sweep.name, "quick": quick, "finished": len(results),
                                        "runs": len(runs), "missing": missing, "claims": verdicts},
                                       indent=2, default=str).encode()
+    files[RUNS_FILE] = json.dumps({"sweep": sweep.name, "quick": quick, "runs": {
+        m.run_name: {**results[m.run_name],
+                     "fingerprint": config_fingerprint(configs[m.run_name]) if m.run_name in configs else None}
+        for m in runs if m.run_name in results}}, separators=(",", ":"), default=str).encode()
     return {"text": text, "files": files, "finished": len(results), "claims": verdicts, "missing": missing}
 
 

@@ -27,7 +27,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"--parallel {args.parallel}: give at least 1")
     report = run_sweep(sweep, quick=args.quick, extra=extra, ray_address=args.ray_address, parallel=args.parallel,
-                       report_only=args.report_only)
+                       report_only=args.report_only, reuse=args.reuse)
     print(report["text"])
     print(f"\nreport: {report['uri']}/report.md")
     return EXIT_FAILED if report["failures"] else EXIT_OK
@@ -46,5 +46,8 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", help="address of a running Ray cluster (default: start an embedded one)")
     p.add_argument("--parallel", type=int, help="runs at a time (default: the cluster's CPUs over a run's)")
     p.add_argument("--report-only", action="store_true", help="run nothing: the report from what has finished")
+    p.add_argument("--reuse", action="append", default=[], metavar="RUNS_JSON",
+                   help="the runs.json (or its folder) of an earlier report of this sweep, from any storage: its "
+                        "finished runs whose config is unchanged are taken as they are, not run again (repeatable)")
     p.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
     p.set_defaults(func=cmd_sweep)

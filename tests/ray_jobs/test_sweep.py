@@ -1,6 +1,7 @@
 """``k2pipe sweep``: the verdict rule on given numbers, the report on synthetic results (grids, tokens to
 match), the sweep file's errors, the bundled sweeps' configs, and a 2-variant, 1-seed smoke sweep through
-the real DAG (embedded Ray, local MLflow) that is then resumed and reported again."""
+the real DAG (embedded Ray, local MLflow) that is then resumed, reported again, and carried over through its
+runs.json to another storage root and tracking server."""
 
 from __future__ import annotations
 
@@ -201,6 +202,46 @@ def test_a_smoke_sweep_runs_nests_its_runs_reports_and_resumes(tmp_path, monkeyp
         assert again["text"] == report["text"]
         after = {r.info.run_id: [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")] for r in pretrain}
         assert after == before and all(steps == [1, 2, 3, 4] for steps in after.values())
+
+        # Carried to another tracking server through runs.json: the data stages are found, no run trains
+        # again, and the report is the same.
+        runs_json = tmp_path / "k2runs" / "sweeps" / "smoke" / "runs.json"
+        saved = tmp_path / "saved-runs.json"  # a later report here writes runs.json again
+        saved.write_bytes(runs_json.read_bytes())
+        other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+        other = {"storage.root": str(tmp_path / "k2runs"), "tracking.uri": other_uri}
+        moved = run_sweep(sweep, extra=other, parallel=2, reuse=[str(runs_json.parent)])
+        assert moved["finished"] == 2 and json.dumps(moved["claims"]) == json.dumps(report["claims"])  # se: NaN
+        for name in variants:
+            row = next(line for line in report["text"].splitlines() if line.startswith(f"| `{name}` |"))
+            assert row in moved["text"]
+        assert f"Carried over from `{runs_json.parent}` (2 runs, not run again here)" in moved["text"]
+        oc = tracking.client(other_uri)
+        other_exp = oc.get_experiment_by_name("k2pipe")
+        parents = oc.search_runs([other_exp.experiment_id], "tags.`k2pipe.kind` = 'pipeline'")
+        assert parents and not any("final/val_loss" in r.data.metrics for r in parents)  # the data stages only
+        assert json.loads(saved.read_text())["runs"]["smoke-adamw-s0"]["data_fingerprint"]
+        # A run whose config has changed since is not carried over: it is reported as not finished.
+        (tmp_path / "changed.yaml").write_text(SMOKE.replace("{optimizer.name: adamw}",
+                                                             "{optimizer.name: adamw, train.lr: 0.002}"))
+        changed = load_sweep(str(tmp_path / "changed.yaml"))
+        partial = run_sweep(changed, extra=other, report_only=True, reuse=[str(saved)])
+        assert partial["finished"] == 1 and partial["missing"] == ["smoke-adamw-s0"]
+        assert "under another config or on other data, so not carried over: `smoke-adamw-s0`" in partial["text"]
+        # A run that trained on other data (another shard fingerprint) goes through the pipeline again.
+        doc = json.loads(saved.read_text())
+        doc["runs"]["smoke-adamw-s0"]["data_fingerprint"] = "0" * 16
+        (tmp_path / "otherdata.json").write_text(json.dumps(doc))
+        redo = run_sweep(sweep, extra=other, parallel=2, reuse=[str(tmp_path / "otherdata.json")])
+        assert redo["finished"] == 2 and "on other data, so not carried over: `smoke-adamw-s0`" in redo["text"]
+        parents = oc.search_runs([other_exp.experiment_id], "tags.`k2pipe.kind` = 'pipeline'")
+        assert [r.data.tags["k2pipe.run_name"] for r in parents if "final/val_loss" in r.data.metrics] == \
+            ["smoke-adamw-s0"]
+        with pytest.raises(ConfigError, match="no such file"):
+            run_sweep(sweep, extra=other, report_only=True, reuse=[str(tmp_path / "nope.json")])
+        (tmp_path / "wrong.json").write_text(json.dumps({"sweep": "other", "runs": {}}))
+        with pytest.raises(ConfigError, match="wrong.json: holds runs of sweep 'other', not of 'smoke'"):
+            run_sweep(sweep, extra=other, report_only=True, reuse=[str(tmp_path / "wrong.json")])
     finally:
         ray.shutdown()
 
