@@ -17,7 +17,8 @@ A sweep file (YAML)::
         baseline: noclip
         metric: final/max_logit        # a headline metric of the runs (pipelines.dag.HEADLINE_METRICS),
         better: lower                  #   or series: KEY with over_steps: N (mean of its first N steps)
-        details: [max_logit]           # optional tables: max_logit (its distribution over tau)
+        details: [max_logit]           # optional tables: max_logit (its distribution over tau), loss_rise
+                                       #   (the windowed training loss's worst rise over its best so far)
 
 The verdict rule is fixed: the claim's metric is paired by seed, d = baseline - variant (lower is better;
 the other way round for higher), and the claim is **borne out** when the mean of d is more than 2 standard
@@ -58,7 +59,8 @@ from pipelines.config import ConfigError, RunConfig, load_config
 
 SWEEP_DIR = Path(__file__).parent / "sweeps"
 KINDS = ("paired", "tokens_to_match")
-DETAILS = ("max_logit",)
+DETAILS = ("max_logit", "loss_rise")
+RISE_WINDOW = 20  # steps a window of the training loss averages, for the loss_rise table
 QUICK_STEPS = 3
 RUNS_FILE = "runs.json"
 # The config sections that decide what a run measures (storage, tracking and the run's name do not).
@@ -470,6 +472,22 @@ def _tokens_to_match(runs, results, claim, seeds, baseline_final: dict[int, floa
     return out
 
 
+def loss_rise(series: list[tuple[int, float]], window: int = RISE_WINDOW) -> dict[str, Any] | None:
+    """The training loss averaged over consecutive windows of ``window`` logged points: the best window,
+    the last, and the worst rise of a window above the best one before it (0 when it never rose), with the
+    last step of that window. None when there are fewer than two windows."""
+    means = [(series[i + window - 1][0], statistics.fmean(v for _, v in series[i:i + window]))
+             for i in range(0, len(series) - window + 1, window)]
+    if len(means) < 2:
+        return None
+    rise, at_step, best = 0.0, None, means[0][1]
+    for step, value in means[1:]:
+        if value - best > rise:
+            rise, at_step = value - best, step
+        best = min(best, value)
+    return {"best": min(v for _, v in means), "last": means[-1][1], "rise": rise, "at_step": at_step}
+
+
 def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], results: dict[str, dict[str, Any]],
                  *, quick: bool = False, failures: dict[str, str] | None = None,
                  changed: dict[str, str] | None = None) -> dict[str, Any]:
@@ -555,6 +573,19 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                         above = sum(x > 1 for x in ratios)
                         lines.append(f"| `{m.run_name}` | {statistics.median(ratios):.3f} | {p95:.3f} | "
                                      f"{ratios[-1]:.3f} | {above} of {len(ratios)} |")
+            if "loss_rise" in claim.details:
+                lines += ["", f"Training loss in windows of {RISE_WINDOW} steps: the best window, the last, and the "
+                              "worst rise of a window over the best before it (a spike or a divergence shows "
+                              "as a rise):", "",
+                          "| run | best | last | worst rise | at step |", "|---|---|---|---|---|"]
+                for m in runs:
+                    r = results.get(m.run_name)
+                    if r is None or m.variant not in (claim.variant, claim.baseline):
+                        continue
+                    rise = loss_rise(r["series"].get("train/loss", []))
+                    if rise:
+                        lines.append(f"| `{m.run_name}` | {rise['best']:.3f} | {rise['last']:.3f} | "
+                                     f"{rise['rise']:+.3f} | {rise['at_step'] or '-'} |")
         lines += ["", f"**Verdict: {v['verdict']}** (mean difference {v['mean']:+.4g}, standard error "
                       f"{v['se']:.3g}, {v['n']} seed{'' if v['n'] == 1 else 's'}).", ""]
         verdicts.append({"claim": claim.claim, **v})
