@@ -81,6 +81,32 @@ def test_a_series_claim_plots_its_series_and_a_metric_claim_the_loss():
     assert _claim_plot(sweep, runs, only_loss, loss) is not None
 
 
+def test_loss_rise_is_the_worst_window_over_the_best_before_it():
+    from pipelines.sweep import loss_rise
+
+    def windows(*means):  # two points a window, each window's mean as given
+        return [(2 * i + j + 1, m + (0.1 if j else -0.1)) for i, m in enumerate(means) for j in range(2)]
+
+    spike = loss_rise(windows(5.0, 4.0, 4.5, 3.5, 4.7, 3.0), window=2)
+    assert spike["best"] == pytest.approx(3.0) and spike["last"] == pytest.approx(3.0)
+    assert spike["rise"] == pytest.approx(1.2) and spike["at_step"] == 10  # 4.7 after the best 3.5
+    smooth = loss_rise(windows(5.0, 4.0, 3.0), window=2)
+    assert smooth["rise"] == 0.0 and smooth["at_step"] is None
+    assert loss_rise(windows(5.0), window=2) is None and loss_rise([], window=2) is None
+    assert loss_rise(windows(5.0, 4.0) + [(5, 9.0)], window=2)["rise"] == 0.0, "a part window is left out"
+
+    sweep = Sweep(name="r", base="ci", overrides={}, seeds=(0,),
+                  variants={"a": Variant("a", {}), "b": Variant("b", {})},
+                  claims=(Claim("a is stable", "a", "b", metric="final/val_loss", details=("loss_rise",)),))
+    runs = members(sweep)
+    series = {"r-a-s0": [(i, 5.0 - 0.05 * i) for i in range(1, 41)], "r-b-s0": [(i, 4.0) for i in range(1, 21)]
+              + [(i, 6.0) for i in range(21, 41)]}
+    text = build_report(sweep, runs, {}, {n: {**_result(1.0), "series": {"train/loss": v}}
+                                          for n, v in series.items()})["text"]
+    assert "| `r-a-s0` | 3.475 | 3.475 | +0.000 | - |" in text
+    assert "| `r-b-s0` | 4.000 | 6.000 | +2.000 | 40 |" in text
+
+
 def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline():
     sweep = Sweep(name="t", base="ci", overrides={}, seeds=(0, 1),
                   variants={"short": Variant("short", {}, {"train.steps": [10, 20, 30]}), "base": Variant("base", {})},
