@@ -475,7 +475,8 @@ def _tokens_to_match(runs, results, claim, seeds, baseline_final: dict[int, floa
 def loss_rise(series: list[tuple[int, float]], window: int = RISE_WINDOW) -> dict[str, Any] | None:
     """The training loss averaged over consecutive windows of ``window`` logged points: the best window,
     the last, and the worst rise of a window above the best one before it (0 when it never rose), with the
-    last step of that window. None when there are fewer than two windows."""
+    last step of that window; and the worst spike, one point's excess over the median of the ``window``
+    points before it, with its step. None when there are fewer than two windows."""
     means = [(series[i + window - 1][0], statistics.fmean(v for _, v in series[i:i + window]))
              for i in range(0, len(series) - window + 1, window)]
     if len(means) < 2:
@@ -485,7 +486,13 @@ def loss_rise(series: list[tuple[int, float]], window: int = RISE_WINDOW) -> dic
         if value - best > rise:
             rise, at_step = value - best, step
         best = min(best, value)
-    return {"best": min(v for _, v in means), "last": means[-1][1], "rise": rise, "at_step": at_step}
+    spike, spike_step = 0.0, None
+    for i in range(window, len(series)):
+        excess = series[i][1] - statistics.median(v for _, v in series[i - window:i])
+        if excess > spike:
+            spike, spike_step = excess, series[i][0]
+    return {"best": min(v for _, v in means), "last": means[-1][1], "rise": rise, "at_step": at_step,
+            "spike": spike, "spike_step": spike_step}
 
 
 def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], results: dict[str, dict[str, Any]],
@@ -574,10 +581,12 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                         lines.append(f"| `{m.run_name}` | {statistics.median(ratios):.3f} | {p95:.3f} | "
                                      f"{ratios[-1]:.3f} | {above} of {len(ratios)} |")
             if "loss_rise" in claim.details:
-                lines += ["", f"Training loss in windows of {RISE_WINDOW} steps: the best window, the last, and the "
-                              "worst rise of a window over the best before it (a spike or a divergence shows "
-                              "as a rise):", "",
-                          "| run | best | last | worst rise | at step |", "|---|---|---|---|---|"]
+                lines += ["", f"Training loss in windows of {RISE_WINDOW} logged steps: the best window, the last, "
+                              "the worst rise of a window over the best before it (a divergence shows as a "
+                              f"rise), and the worst spike, one step over the median of the {RISE_WINDOW} "
+                              "before it (the first steps have none before them):", "",
+                          "| run | best | last | worst rise | at step | worst spike | at step |",
+                          "|---|---|---|---|---|---|---|"]
                 for m in runs:
                     r = results.get(m.run_name)
                     if r is None or m.variant not in (claim.variant, claim.baseline):
@@ -585,7 +594,8 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                     rise = loss_rise(r["series"].get("train/loss", []))
                     if rise:
                         lines.append(f"| `{m.run_name}` | {rise['best']:.3f} | {rise['last']:.3f} | "
-                                     f"{rise['rise']:+.3f} | {rise['at_step'] or '-'} |")
+                                     f"{rise['rise']:+.3f} | {rise['at_step'] or '-'} | "
+                                     f"{rise['spike']:+.3f} | {rise['spike_step'] or '-'} |")
         lines += ["", f"**Verdict: {v['verdict']}** (mean difference {v['mean']:+.4g}, standard error "
                       f"{v['se']:.3g}, {v['n']} seed{'' if v['n'] == 1 else 's'}).", ""]
         verdicts.append({"claim": claim.claim, **v})

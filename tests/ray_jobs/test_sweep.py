@@ -90,8 +90,11 @@ def test_loss_rise_is_the_worst_window_over_the_best_before_it():
     spike = loss_rise(windows(5.0, 4.0, 4.5, 3.5, 4.7, 3.0), window=2)
     assert spike["best"] == pytest.approx(3.0) and spike["last"] == pytest.approx(3.0)
     assert spike["rise"] == pytest.approx(1.2) and spike["at_step"] == 10  # 4.7 after the best 3.5
+    # the worst point over the median of the 2 before it: 4.6 (step 9) over 3.4 and 3.6
+    assert spike["spike"] == pytest.approx(1.1) and spike["spike_step"] == 9
     smooth = loss_rise(windows(5.0, 4.0, 3.0), window=2)
     assert smooth["rise"] == 0.0 and smooth["at_step"] is None
+    assert smooth["spike"] == 0.0 and smooth["spike_step"] is None  # no point above the 2 before it
     assert loss_rise(windows(5.0), window=2) is None and loss_rise([], window=2) is None
     assert loss_rise(windows(5.0, 4.0) + [(5, 9.0)], window=2)["rise"] == 0.0, "a part window is left out"
 
@@ -103,8 +106,8 @@ def test_loss_rise_is_the_worst_window_over_the_best_before_it():
               + [(i, 6.0) for i in range(21, 41)]}
     text = build_report(sweep, runs, {}, {n: {**_result(1.0), "series": {"train/loss": v}}
                                           for n, v in series.items()})["text"]
-    assert "| `r-a-s0` | 3.475 | 3.475 | +0.000 | - |" in text
-    assert "| `r-b-s0` | 4.000 | 6.000 | +2.000 | 40 |" in text
+    assert "| `r-a-s0` | 3.475 | 3.475 | +0.000 | - | +0.000 | - |" in text
+    assert "| `r-b-s0` | 4.000 | 6.000 | +2.000 | 40 | +2.000 | 21 |" in text
 
 
 def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline():
