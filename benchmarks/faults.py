@@ -346,9 +346,10 @@ def _background(fn, figures: dict[str, Any]) -> None:
 
 SCENARIO_SPECS: dict[str, dict[str, Any]] = {
     # fault, the step after which it comes, extra config, whether the run must end bit-equal
-    "node-kill": {"fault": kill_node, "at": 10, "extra": (), "bit_equal": True},
-    "network-cut": {"fault": cut_node, "at": 10, "extra": (), "bit_equal": True},
-    "s3-outage": {"fault": s3_outage, "at": 7, "extra": (), "bit_equal": True},
+    # Steps of at least 1 s: on a fast machine the run would otherwise end before the fault takes hold.
+    "node-kill": {"fault": kill_node, "at": 10, "extra": ("train.min_step_s=1",), "bit_equal": True},
+    "network-cut": {"fault": cut_node, "at": 10, "extra": ("train.min_step_s=1",), "bit_equal": True},
+    "s3-outage": {"fault": s3_outage, "at": 7, "extra": ("train.min_step_s=1",), "bit_equal": True},
     # Checkpoints 20 steps apart: without the notice's checkpoint the kill would cost up to 20 steps.
     "preemption": {"fault": preempt_node, "at": 6, "extra": ("train.checkpoint_every=20",), "bit_equal": True,
                    "steps": 40},

@@ -213,6 +213,9 @@ class TrainConfig:
     collective_timeout_s: float = 600.0
     """Seconds a collective waits for every rank of its group before it fails, naming the call (a rank
     that died or took another path), instead of hanging the job."""
+    min_step_s: float = 0.0
+    """A floor on each step's wall time, in seconds (0: none). For fault drills: a fault timed at step N
+    then lands mid-run however fast the machine trains."""
 
     def __post_init__(self) -> None:
         need = field_checker("train", self)
@@ -244,6 +247,7 @@ class TrainConfig:
                  f"{item!r}: expected name:amount with a custom resource name (CPUs come from "
                  "train.cpus_per_worker, GPUs from the cluster) and an amount > 0, e.g. k2node:1")
         need(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")
+        need(self.min_step_s >= 0, "min_step_s", "must be >= 0 (seconds; 0 for no floor)")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         need(self.num_workers % self.pp == 0, "pp", f"must divide train.num_workers={self.num_workers}")

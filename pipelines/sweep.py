@@ -63,8 +63,6 @@ DETAILS = ("max_logit", "loss_rise")
 RISE_WINDOW = 20  # steps a window of the training loss averages, for the loss_rise table
 QUICK_STEPS = 3
 RUNS_FILE = "runs.json"
-# The config sections that decide what a run measures (storage, tracking and the run's name do not).
-MEASURED_SECTIONS = ("model", "optimizer", "data", "train", "evaluate")
 
 
 # ---------------------------------------------------------------------- the sweep file
@@ -235,8 +233,13 @@ def member_config(sweep: Sweep, member: Member, extra: dict[str, Any] | None = N
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """A short hash of what decides a run's numbers, to tell a carried-over run from a changed one."""
-    return storage.fingerprint({s: dataclasses.asdict(getattr(cfg, s)) for s in MEASURED_SECTIONS})
+    """A short hash of what decides a run's numbers, to tell a carried-over run from a changed one: the
+    values a checkpoint must agree with (``math_signature``: model, optimizer, schedule, batch, seed,
+    steps), the data config and the evaluation's. Layout and operational settings are left out."""
+    from pipelines.train.trainer import math_signature
+
+    return storage.fingerprint({"math": math_signature(cfg), "data": dataclasses.asdict(cfg.data),
+                                "evaluate": dataclasses.asdict(cfg.evaluate)})
 
 
 def carry_over(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], sources: list[str]

@@ -180,6 +180,21 @@ class MetricSink(Callback):
             self.flush()
 
 
+class StepPacing(Callback):
+    """Sleeps out what is left of ``train.min_step_s`` after a step (after its metrics are logged), so a
+    fault drill timed by the logged step lands mid-run on a fast machine. Off at 0."""
+
+    def __init__(self, min_step_s: float):
+        self.min_step_s, self.started = min_step_s, None
+
+    def pre_step(self, trainer: Trainer) -> None:
+        self.started = time.monotonic()
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        if self.min_step_s > 0 and self.started is not None:
+            time.sleep(max(0.0, self.min_step_s - (time.monotonic() - self.started)))
+
+
 class Checkpointing(Callback):
     """Registers finished uploads every step; snapshots every ``checkpoint_every`` steps (0: only at the end)
     and at the last step; waits for the last one at the end."""
@@ -330,6 +345,7 @@ def standard_callbacks(trainer: Trainer, writer: CheckpointWriter, *, peak_flops
         StepMetrics(t.log_every, peak_flops),
         Validation(t.eval_every),
         MetricSink(log, flush),
+        StepPacing(t.min_step_s),
         StatsSnapshots(log_stats),
         Checkpointing(writer, t.checkpoint_every),
         PreemptionCheckpoint(writer, preemption_notice, t.preemption_check_every, announce_preemption,

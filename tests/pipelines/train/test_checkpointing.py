@@ -254,3 +254,26 @@ def test_under_a_preemption_notice_the_last_step_is_settled_before_the_run_retur
     assert names == ["checkpoint-step00000001", "checkpoint-step00000005"], "the final upload, not a second one"
     assert settled == [1, 2], "each settled after its registration"
     assert announced == [("notice", 1)]
+
+
+def test_step_pacing_sleeps_out_the_floor_after_the_step_and_is_off_at_zero(monkeypatch):
+    from pipelines.config import ConfigError, load_config
+    from pipelines.train import callbacks
+    from pipelines.train.callbacks import StepPacing
+
+    clock, slept = {"t": 100.0}, []
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(callbacks.time, "sleep", slept.append)
+    pacing, trainer = StepPacing(1.0), StepTrainer()
+    for took in (0.25, 1.5):  # a fast step sleeps the rest of the second; a slow one not at all
+        pacing.pre_step(trainer)
+        clock["t"] += took
+        pacing.post_step(trainer, StepResult())
+    assert slept == [0.75, 0.0]
+    off = StepPacing(0.0)
+    off.pre_step(trainer)
+    off.post_step(trainer, StepResult())
+    assert slept == [0.75, 0.0]
+    assert load_config("ci", ["train.min_step_s=0.5"]).train.min_step_s == 0.5
+    with pytest.raises(ConfigError, match="min_step_s.*must be >= 0"):
+        load_config("ci", ["train.min_step_s=-1"])
