@@ -328,13 +328,13 @@ def run_sweep(sweep: Sweep, *, quick: bool = False, extra: dict[str, Any] | None
         # the corpus's listing as well as the data config), so its data stages run (or are found) too.
         data_fp: dict[str, str | None] = {}
         for cfg in configs.values():
-            key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+            key = storage.canonical_json(dataclasses.asdict(cfg.data))
             if key not in data_fp:
                 done = run_pipeline(cfg, until="shard", ray_address=ray_address,
                                     nest_under=record["run_id"] if record else None)
                 data_fp[key] = done.stages["shard"].fingerprint
         for name in list(carried):
-            key = json.dumps(dataclasses.asdict(configs[name].data), sort_keys=True, default=str)
+            key = storage.canonical_json(dataclasses.asdict(configs[name].data))
             if carried[name].get("data_fingerprint") not in (None, data_fp[key]):
                 changed[name] = carried.pop(name)["carried_from"]
                 say(f"[k2pipe] sweep {sweep.name}: {name} in {changed[name]} trained on other data: runs again")
