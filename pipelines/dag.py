@@ -183,6 +183,9 @@ def setup_tracking(cfg: RunConfig, nest_under: str | None = None) -> dict[str, A
         run = tracking.retry(lambda name=name: c.create_run(
             experiment_id, run_name=f"{cfg.run_name}/{name}",
             tags={**tags, "mlflow.parentRunId": parent_id, tracking.STAGE_TAG: name, "k2pipe.kind": "stage"}))
+        # MLflow creates a run RUNNING; a stage not yet started is SCHEDULED until its task starts it, so a
+        # slice (--until shard, a sweep's runs up to evaluate) leaves no stage looking as if it still runs.
+        tracking.retry(lambda run=run: c.update_run(run.info.run_id, status="SCHEDULED"))
         stage_runs[name] = run.info.run_id
     record = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
               "stage_run_ids": stage_runs, "run_name": cfg.run_name}
