@@ -552,9 +552,26 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
             needed = _tokens_to_match(runs, results, claim, seeds_ok, base_vals)
             diffs = [base_tokens[s] - needed[s] if needed[s] is not None else -base_tokens[s] for s in seeds_ok]
             v = verdict(diffs) if seeds_ok else verdict([])
-            lines += ["| seed | baseline final | baseline tokens | tokens the variant needs |", "|---|---|---|---|"]
+            # Every shorter run's final metric, so a reader sees how close the others came; a need equal to
+            # the shortest run's tokens is only a bound (a shorter run might have reached it too).
+            short: dict[int, dict[float, float | None]] = {}
+            for m in runs:
+                if m.variant == claim.variant and m.run_name in results:
+                    tok = results[m.run_name]["metrics"].get("final/tokens_trained")
+                    short.setdefault(m.seed, {})[tok] = _value(results[m.run_name], claim)
+            columns = sorted({t for by in short.values() for t in by})
+            bound = {s for s in seeds_ok if needed[s] is not None and needed[s] == min(short[s])}
+            need = {s: "not reached" if needed[s] is None else ("at most " if s in bound else "") + f"{needed[s]:,.0f}"
+                     for s in seeds_ok}
+            lines += ["| seed | baseline final | baseline tokens | "
+                      + "".join(f"variant at {t:,.0f} | " for t in columns) + "tokens the variant needs |",
+                      "|---|---|---|" + "---|" * len(columns) + "---|"]
             lines += [f"| {s} | {base_vals[s]:.4f} | {base_tokens[s]:,.0f} | "
-                      f"{'not reached' if needed[s] is None else f'{needed[s]:,.0f}'} |" for s in seeds_ok]
+                      + "".join("- | " if short.get(s, {}).get(t) is None else f"{short[s][t]:.4f} | "
+                                for t in columns) + f"{need[s]} |" for s in seeds_ok]
+            if bound:
+                lines.append("\nThe variant's shortest run already reaches the baseline on some seed: its need is a "
+                             "bound; a grid with shorter runs would give the number.")
             if base_where:
                 lines.append(f"\nBaseline at its best grid point {base_point} ({base_where}).")
         else:
