@@ -635,9 +635,23 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
     return {"text": text, "files": files, "finished": len(results), "claims": verdicts, "missing": missing}
 
 
+def _plotted(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:
+    """The runs a claim's plot draws: a side with a grid at the best point the claim compares (every point
+    of a tokens_to_match variant's grid over steps, which the claim reads whole), with the series to draw."""
+    key = claim.series or "train/loss"
+    best: dict[str, dict[str, Any]] = {}
+    for side in (claim.variant, claim.baseline):
+        if sweep.variants[side].grid and not (claim.kind == "tokens_to_match" and side == claim.variant):
+            point, _, _ = _best_point(sweep, runs, results, side, claim, list(sweep.seeds))
+            if point:
+                best[side] = point
+    return [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
+            and results[m.run_name]["series"].get(key) and m.point == best.get(m.variant, m.point)]
+
+
 def _claim_plot(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> bytes | None:
-    """One line a run of the claim's two variants (PNG): the series a series claim averages, its window
-    shaded; else the training loss."""
+    """One line a run of the claim's two variants (``_plotted``), as PNG: the series a series claim averages,
+    its window shaded; else the training loss."""
     import io
     import textwrap
 
@@ -647,8 +661,7 @@ def _claim_plot(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, A
     import matplotlib.pyplot as plt
 
     key = claim.series or "train/loss"
-    chosen = [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
-              and results[m.run_name]["series"].get(key)]
+    chosen = _plotted(sweep, runs, results, claim)
     if not chosen:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
