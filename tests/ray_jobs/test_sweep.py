@@ -16,6 +16,7 @@ from pipelines.sweep import (
     Member,
     Sweep,
     Variant,
+    _plotted,
     build_report,
     load_sweep,
     member_config,
@@ -58,10 +59,8 @@ def test_the_report_takes_each_side_at_its_best_grid_point_and_says_where_it_lie
     assert "`a` at its best grid point {'train.lr': 2}: train.lr inside." in report["text"]
     assert "`b` at its best grid point {'train.lr': 1}: train.lr on the edge." in report["text"]
     # The plot draws the points the claim compares: each side's best grid point, every seed.
-    from pipelines.sweep import _plotted
-
-    drawn = {m.run_name: m.point for m in _plotted(sweep, runs, {k: {**v, "series": {"train/loss": [(1, 1.0)]}}
-                                                                 for k, v in results.items()}, sweep.claims[0])}
+    drawn = [m.run_name for m in _plotted(sweep, runs, {k: {**v, "series": {"train/loss": [(1, 1.0)]}}
+                                                        for k, v in results.items()}, sweep.claims[0])]
     assert sorted(drawn) == ["s-a-lr2-s0", "s-a-lr2-s1", "s-a-lr2-s2", "s-b-lr1-s0", "s-b-lr1-s1", "s-b-lr1-s2"]
     partial = build_report(sweep, runs, {}, {k: v for k, v in results.items() if not k.endswith("s2")})
     assert partial["finished"] == 10 and len(partial["missing"]) == 5 and "Not finished (5)" in partial["text"]
@@ -132,8 +131,7 @@ def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline(
     claim = report["claims"][0]
     assert claim["diffs"] == [2000.0, 2000.0] and claim["borne_out"]  # 20 steps reach 2.5 and 2.52, 10 do not
     assert "| 0 | 2.5000 | 4,000 | 3.0000 | 2.4500 | 2.2000 | 2,000 |" in report["text"]
-    from pipelines.sweep import _plotted  # a tokens_to_match variant's plot draws its whole grid over steps
-
+    # A tokens_to_match variant's plot draws its whole grid over steps.
     drawn = _plotted(sweep, runs, {k: {**v, "series": {"train/loss": [(1, 1.0)]}} for k, v in results.items()},
                      sweep.claims[0])
     assert len(drawn) == len(runs) == 8
