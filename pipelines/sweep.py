@@ -396,15 +396,16 @@ def collect(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], rec
         stages = tracking.retry(lambda parent=parent: c.search_runs(
             [record["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                                      f"tags.`{tracking.STAGE_TAG}` = 'pretrain'", max_results=1))
-        series = {}
+        series, ns_dtype = {}, None
         if stages:
+            ns_dtype = stages[0].data.tags.get("k2pipe.ns_dtype")  # as optimizer.ns_dtype resolved (MuonClip)
             pretrain_id = stages[0].info.run_id
             for key in series_keys:
                 points = tracking.retry(lambda key=key, pretrain_id=pretrain_id: c.get_metric_history(pretrain_id, key))
                 series[key] = sorted((p.step, p.value) for p in points)
         cfg = configs[m.run_name]
         out[m.run_name] = {"metrics": dict(parent.data.metrics), "series": series,
-                           "data_fingerprint": parent.data.tags.get("shard.fingerprint"),
+                           "data_fingerprint": parent.data.tags.get("shard.fingerprint"), "ns_dtype": ns_dtype,
                            "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
                            "tau": cfg.optimizer.qk_clip_tau}
     return out
@@ -534,6 +535,15 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
         lines.append(f"| `{m.run_name}` | {m.variant}{_suffix(m.point)} | {m.seed} | "
                      f"{mm.get('final/train_loss', float('nan')):.4f} | {mm.get('final/val_loss', float('nan')):.4f} | "
                      f"{mm.get('final/max_logit', float('nan')):.2f} | {mm.get('final/tokens_trained', 0):,.0f} |")
+    # optimizer.ns_dtype=auto resolves per machine (bf16 where it multiplies bf16 natively), and a config
+    # fingerprint cannot see that: say what the runs resolved, and warn a claim that compares across it.
+    by_dtype: dict[str, int] = {}
+    for r in results.values():
+        if r.get("ns_dtype"):
+            by_dtype[r["ns_dtype"]] = by_dtype.get(r["ns_dtype"], 0) + 1
+    if by_dtype:
+        lines += ["", "Newton-Schulz iterated in " + ", ".join(f"{d} ({n} run{'' if n == 1 else 's'})"
+                                                           for d, n in sorted(by_dtype.items())) + "."]
     lines.append("")
     files: dict[str, bytes] = {}
     verdicts = []
@@ -616,6 +626,14 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                         lines.append(f"| `{m.run_name}` | {rise['best']:.3f} | {rise['last']:.3f} | "
                                      f"{rise['rise']:+.3f} | {rise['at_step'] or '-'} | "
                                      f"{rise['spike']:+.3f} | {rise['spike_step'] or '-'} |")
+        compared = _compared(sweep, runs, results, claim)
+        dtypes = sorted({results[m.run_name].get("ns_dtype") for m in compared} - {None})
+        configured = {configs[m.run_name].optimizer.ns_dtype for m in compared if m.run_name in configs}
+        if len(dtypes) > 1 and configured <= {"auto"}:  # not when the sweep sets the dtypes apart on purpose
+            lines += ["", f"**Caution:** the runs compared here iterated Newton-Schulz in different dtypes "
+                          f"({', '.join(dtypes)}; `optimizer.ns_dtype=auto` resolved on different machines): "
+                          "part of a difference may be the dtype's. Pin `optimizer.ns_dtype` to compare like "
+                          "with like."]
         lines += ["", f"**Verdict: {v['verdict']}** (mean difference {v['mean']:+.4g}, standard error "
                       f"{v['se']:.3g}, {v['n']} seed{'' if v['n'] == 1 else 's'}).", ""]
         verdicts.append({"claim": claim.claim, **v})
@@ -635,10 +653,9 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
     return {"text": text, "files": files, "finished": len(results), "claims": verdicts, "missing": missing}
 
 
-def _plotted(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:
-    """The runs a claim's plot draws: a side with a grid at the best point the claim compares (every point
-    of a tokens_to_match variant's grid over steps, which the claim reads whole), with the series to draw."""
-    key = claim.series or "train/loss"
+def _compared(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:
+    """The finished runs a claim compares: a side with a grid at its best point (every point of a
+    tokens_to_match variant's grid over steps, which the claim reads whole)."""
     best: dict[str, dict[str, Any]] = {}
     for side in (claim.variant, claim.baseline):
         if sweep.variants[side].grid and not (claim.kind == "tokens_to_match" and side == claim.variant):
@@ -646,7 +663,13 @@ def _plotted(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]
             if point:
                 best[side] = point
     return [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
-            and results[m.run_name]["series"].get(key) and m.point == best.get(m.variant, m.point)]
+            and m.point == best.get(m.variant, m.point)]
+
+
+def _plotted(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:
+    """The runs a claim's plot draws: those it compares (``_compared``) that logged the series to draw."""
+    key = claim.series or "train/loss"
+    return [m for m in _compared(sweep, runs, results, claim) if results[m.run_name]["series"].get(key)]
 
 
 def _claim_plot(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> bytes | None:

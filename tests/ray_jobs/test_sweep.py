@@ -144,6 +144,30 @@ def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline(
     assert "| 1 | 2.5200 | 4,000 | 2.4000 | 2.4500 | 2.2000 | at most 1,000 |" in text and "is a bound" in text
 
 
+def test_the_report_names_the_newton_schulz_dtypes_and_warns_a_claim_that_mixes_them():
+    sweep = Sweep(name="n", base="ci", overrides={}, seeds=(0, 1), variants={"a": Variant("a", {}),
+                                                                             "b": Variant("b", {})},
+                  claims=(Claim("a beats b", "a", "b", metric="final/val_loss"),))
+    runs = members(sweep)
+
+    def report(dtype_of: dict[str, str | None], configs: dict) -> str:
+        return build_report(sweep, runs, configs, {m.run_name: {**_result(2.0), "ns_dtype": dtype_of[m.variant]}
+                                                   for m in runs})["text"]
+
+    same = report({"a": "float32", "b": "float32"}, {})
+    assert "Newton-Schulz iterated in float32 (4 runs)." in same and "Caution" not in same
+    mixed = report({"a": "bfloat16", "b": "float32"}, {})  # ns_dtype=auto, the runs on two kinds of machine
+    assert "Newton-Schulz iterated in bfloat16 (2 runs), float32 (2 runs)." in mixed
+    assert "**Caution:** the runs compared here iterated Newton-Schulz in different dtypes (bfloat16, float32;" in mixed
+    assert "Caution" not in report({"a": "bfloat16", "b": None}, {})  # AdamW records none
+    # A sweep that sets the dtypes apart on purpose compares them: no caution.
+    pinned = Sweep(name="n", base="ci", overrides={}, seeds=(0, 1),
+                   variants={"a": Variant("a", {"optimizer.ns_dtype": "bfloat16"}),
+                             "b": Variant("b", {"optimizer.ns_dtype": "float32"})}, claims=sweep.claims)
+    configs = {m.run_name: member_config(pinned, m) for m in members(pinned)}
+    assert "Caution" not in report({"a": "bfloat16", "b": "float32"}, configs)
+
+
 def test_sweep_files_are_checked_naming_the_field(tmp_path):
     def write(body: str):
         path = tmp_path / "s.yaml"
@@ -254,6 +278,10 @@ def test_a_smoke_sweep_runs_nests_its_runs_reports_and_resumes(tmp_path, monkeyp
         # Carried to another tracking server through runs.json: the data stages are found, no run trains
         # again, and the report is the same.
         runs_json = tmp_path / "k2runs" / "sweeps" / "smoke" / "runs.json"
+        kept = json.loads(runs_json.read_text())["runs"]
+        ns = kept["smoke-muonclip-s0"]["ns_dtype"]  # what optimizer.ns_dtype=auto resolved to here
+        assert ns in ("bfloat16", "float32") and kept["smoke-adamw-s0"]["ns_dtype"] is None
+        assert f"Newton-Schulz iterated in {ns} (1 run)." in text
         saved = tmp_path / "saved-runs.json"  # a later report here writes runs.json again
         saved.write_bytes(runs_json.read_bytes())
         other_uri = f"sqlite:///{tmp_path / 'other.db'}"
