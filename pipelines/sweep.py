@@ -189,8 +189,8 @@ def load_sweep(spec: str) -> Sweep:
               "a series needs over_steps >= 1 (the mean over its first N steps)")
         _need(all(d in DETAILS for d in claim.details), f"{where}.details", f"valid: {DETAILS}")
         if claim.kind == "tokens_to_match":
-            _need("train.steps" in variants[claim.variant].grid, f"{where}.kind",
-                  f"tokens_to_match needs a grid over train.steps in variant {claim.variant!r}")
+            _need(list(variants[claim.variant].grid) == ["train.steps"], f"{where}.kind",
+                  f"tokens_to_match needs a grid over train.steps (and nothing else) in variant {claim.variant!r}")
         claims.append(claim)
     sweep = Sweep(name=name, base=doc.get("base"), overrides=dict(overrides), seeds=tuple(seeds), variants=variants,
                   claims=tuple(claims), about=str(doc.get("about") or ""), hours=doc.get("hours"), source=str(path))
@@ -400,7 +400,7 @@ def collect(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig], rec
         if stages:
             ns_dtype = stages[0].data.tags.get("k2pipe.ns_dtype")  # as optimizer.ns_dtype resolved (MuonClip)
             pretrain_id = stages[0].info.run_id
-            for key in series_keys:
+            for key in sorted(series_keys):  # a stable runs.json
                 points = tracking.retry(lambda key=key, pretrain_id=pretrain_id: c.get_metric_history(pretrain_id, key))
                 series[key] = sorted((p.step, p.value) for p in points)
         cfg = configs[m.run_name]
@@ -562,26 +562,26 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
             needed = _tokens_to_match(runs, results, claim, seeds_ok, base_vals)
             diffs = [base_tokens[s] - needed[s] if needed[s] is not None else -base_tokens[s] for s in seeds_ok]
             v = verdict(diffs) if seeds_ok else verdict([])
-            # Every shorter run's final metric, so a reader sees how close the others came; a need equal to
-            # the shortest run's tokens is only a bound (a shorter run might have reached it too).
-            short: dict[int, dict[float, float | None]] = {}
-            for m in runs:
-                if m.variant == claim.variant and m.run_name in results:
-                    tok = results[m.run_name]["metrics"].get("final/tokens_trained")
-                    short.setdefault(m.seed, {})[tok] = _value(results[m.run_name], claim)
-            columns = sorted({t for by in short.values() for t in by})
-            bound = {s for s in seeds_ok if needed[s] is not None and needed[s] == min(short[s])}
+            # Every shorter run's final metric (a column per grid point), so a reader sees how close the
+            # others came; a need met by the grid's shortest run is only a bound (a shorter one might too).
+            steps = sorted(sweep.variants[claim.variant].grid["train.steps"])
+            sign = 1.0 if claim.better == "lower" else -1.0
+            short = {(m.seed, m.point["train.steps"]): _value(results[m.run_name], claim) for m in runs
+                     if m.variant == claim.variant and m.run_name in results}
+            bound = {s for s in seeds_ok if needed[s] is not None and short.get((s, steps[0])) is not None
+                     and sign * short[(s, steps[0])] <= sign * base_vals[s]}
             need = {s: "not reached" if needed[s] is None else ("at most " if s in bound else "") + f"{needed[s]:,.0f}"
                      for s in seeds_ok}
             lines += ["| seed | baseline final | baseline tokens | "
-                      + "".join(f"variant at {t:,.0f} | " for t in columns) + "tokens the variant needs |",
-                      "|---|---|---|" + "---|" * len(columns) + "---|"]
+                      + "".join(f"variant at {n} steps | " for n in steps) + "tokens the variant needs |",
+                      "|---|---|---|" + "---|" * len(steps) + "---|"]
             lines += [f"| {s} | {base_vals[s]:.4f} | {base_tokens[s]:,.0f} | "
-                      + "".join("- | " if short.get(s, {}).get(t) is None else f"{short[s][t]:.4f} | "
-                                for t in columns) + f"{need[s]} |" for s in seeds_ok]
+                      + "".join("- | " if short.get((s, n)) is None else f"{short[(s, n)]:.4f} | " for n in steps)
+                      + f"{need[s]} |" for s in seeds_ok]
             if bound:
-                lines.append("\nThe variant's shortest run already reaches the baseline on some seed: its need is a "
-                             "bound; a grid with shorter runs would give the number.")
+                lines.append(f"\nThe variant's shortest run ({steps[0]} steps) already reaches the baseline on seed "
+                             + ", ".join(map(str, sorted(bound))) + ": its need there is a bound; a grid with "
+                             "shorter runs would give the number.")
             if base_where:
                 lines.append(f"\nBaseline at its best grid point {base_point} ({base_where}).")
         else:
@@ -628,8 +628,9 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
                                      f"{rise['spike']:+.3f} | {rise['spike_step'] or '-'} |")
         compared = _compared(sweep, runs, results, claim)
         dtypes = sorted({results[m.run_name].get("ns_dtype") for m in compared} - {None})
-        configured = {configs[m.run_name].optimizer.ns_dtype for m in compared if m.run_name in configs}
-        if len(dtypes) > 1 and configured <= {"auto"}:  # not when the sweep sets the dtypes apart on purpose
+        # Not when every compared run pins its dtype: the sweep then sets the dtypes apart on purpose.
+        pinned = all(m.run_name in configs and configs[m.run_name].optimizer.ns_dtype != "auto" for m in compared)
+        if len(dtypes) > 1 and not pinned:
             lines += ["", f"**Caution:** the runs compared here iterated Newton-Schulz in different dtypes "
                           f"({', '.join(dtypes)}; `optimizer.ns_dtype=auto` resolved on different machines): "
                           "part of a difference may be the dtype's. Pin `optimizer.ns_dtype` to compare like "
@@ -654,16 +655,19 @@ def build_report(sweep: Sweep, runs: list[Member], configs: dict[str, RunConfig]
 
 
 def _compared(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:
-    """The finished runs a claim compares: a side with a grid at its best point (every point of a
-    tokens_to_match variant's grid over steps, which the claim reads whole)."""
-    best: dict[str, dict[str, Any]] = {}
-    for side in (claim.variant, claim.baseline):
-        if sweep.variants[side].grid and not (claim.kind == "tokens_to_match" and side == claim.variant):
-            point, _, _ = _best_point(sweep, runs, results, side, claim, list(sweep.seeds))
-            if point:
-                best[side] = point
-    return [m for m in runs if m.variant in (claim.variant, claim.baseline) and m.run_name in results
-            and m.point == best.get(m.variant, m.point)]
+    """The finished runs a claim's differences come from: each side at its best grid point (the whole grid
+    over steps of a tokens_to_match variant, which the claim reads whole), on the seeds it pairs; none of a
+    side that has no best point yet (no seed has finished all its grid points)."""
+    seeds = [s for s in sweep.seeds if any(m.seed == s for m in runs)]
+    base_point, base_vals, _ = _best_point(sweep, runs, results, claim.baseline, claim, seeds)
+    if claim.kind == "tokens_to_match":
+        return [m for m in runs if m.run_name in results and m.seed in base_vals and (
+            m.variant == claim.variant or (m.variant == claim.baseline and m.point == base_point))]
+    var_point, var_vals, _ = _best_point(sweep, runs, results, claim.variant, claim, seeds)
+    paired = set(var_vals) & set(base_vals)
+    best = {claim.variant: var_point, claim.baseline: base_point}
+    return [m for m in runs if m.run_name in results and m.seed in paired and m.variant in best
+            and m.point == best[m.variant]]
 
 
 def _plotted(sweep: Sweep, runs: list[Member], results: dict[str, dict[str, Any]], claim: Claim) -> list[Member]:

@@ -16,6 +16,7 @@ from pipelines.sweep import (
     Member,
     Sweep,
     Variant,
+    _compared,
     _plotted,
     build_report,
     load_sweep,
@@ -130,6 +131,8 @@ def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline(
     report = build_report(sweep, runs, {}, results)
     claim = report["claims"][0]
     assert claim["diffs"] == [2000.0, 2000.0] and claim["borne_out"]  # 20 steps reach 2.5 and 2.52, 10 do not
+    assert ("| seed | baseline final | baseline tokens | variant at 10 steps | variant at 20 steps | "
+            "variant at 30 steps | tokens the variant needs |") in report["text"]
     assert "| 0 | 2.5000 | 4,000 | 3.0000 | 2.4500 | 2.2000 | 2,000 |" in report["text"]
     # A tokens_to_match variant's plot draws its whole grid over steps.
     drawn = _plotted(sweep, runs, {k: {**v, "series": {"train/loss": [(1, 1.0)]}} for k, v in results.items()},
@@ -141,7 +144,8 @@ def test_tokens_to_match_is_the_smallest_complete_run_that_reaches_the_baseline(
         if m.variant == "short" and m.point["train.steps"] == 10:
             results[m.run_name] = _result(2.4, tokens=1000.0)
     text = build_report(sweep, runs, {}, results)["text"]
-    assert "| 1 | 2.5200 | 4,000 | 2.4000 | 2.4500 | 2.2000 | at most 1,000 |" in text and "is a bound" in text
+    assert "| 1 | 2.5200 | 4,000 | 2.4000 | 2.4500 | 2.2000 | at most 1,000 |" in text
+    assert "shortest run (10 steps) already reaches the baseline on seed 0, 1: its need there is a bound" in text
 
 
 def test_the_report_names_the_newton_schulz_dtypes_and_warns_a_claim_that_mixes_them():
@@ -154,18 +158,39 @@ def test_the_report_names_the_newton_schulz_dtypes_and_warns_a_claim_that_mixes_
         return build_report(sweep, runs, configs, {m.run_name: {**_result(2.0), "ns_dtype": dtype_of[m.variant]}
                                                    for m in runs})["text"]
 
-    same = report({"a": "float32", "b": "float32"}, {})
+    auto = {m.run_name: member_config(sweep, m) for m in runs}
+    assert {c.optimizer.ns_dtype for c in auto.values()} == {"auto"}
+    same = report({"a": "float32", "b": "float32"}, auto)
     assert "Newton-Schulz iterated in float32 (4 runs)." in same and "Caution" not in same
-    mixed = report({"a": "bfloat16", "b": "float32"}, {})  # ns_dtype=auto, the runs on two kinds of machine
+    mixed = report({"a": "bfloat16", "b": "float32"}, auto)  # ns_dtype=auto, the runs on two kinds of machine
     assert "Newton-Schulz iterated in bfloat16 (2 runs), float32 (2 runs)." in mixed
     assert "**Caution:** the runs compared here iterated Newton-Schulz in different dtypes (bfloat16, float32;" in mixed
-    assert "Caution" not in report({"a": "bfloat16", "b": None}, {})  # AdamW records none
-    # A sweep that sets the dtypes apart on purpose compares them: no caution.
-    pinned = Sweep(name="n", base="ci", overrides={}, seeds=(0, 1),
-                   variants={"a": Variant("a", {"optimizer.ns_dtype": "bfloat16"}),
-                             "b": Variant("b", {"optimizer.ns_dtype": "float32"})}, claims=sweep.claims)
-    configs = {m.run_name: member_config(pinned, m) for m in members(pinned)}
-    assert "Caution" not in report({"a": "bfloat16", "b": "float32"}, configs)
+    assert "Caution" not in report({"a": "bfloat16", "b": None}, auto)  # AdamW records none
+
+    def pinned(a: str, b: str) -> dict:
+        apart = Sweep(name="n", base="ci", overrides={}, seeds=(0, 1), claims=sweep.claims,
+                      variants={"a": Variant("a", {"optimizer.ns_dtype": a}),
+                                "b": Variant("b", {"optimizer.ns_dtype": b})})
+        return {m.run_name: member_config(apart, m) for m in members(apart)}
+
+    # A sweep that sets the dtypes apart on purpose compares them: no caution; one side left to auto: caution.
+    assert "Caution" not in report({"a": "bfloat16", "b": "float32"}, pinned("bfloat16", "float32"))
+    assert "Caution" in report({"a": "bfloat16", "b": "float32"}, pinned("auto", "float32"))
+
+    # Only the runs the claim compares count: another dtype at a grid point that is not the best does not.
+    grid = Sweep(name="g", base="ci", overrides={}, seeds=(0, 1), variants={"a": Variant("a", {}, {"train.lr": [1, 2]}),
+                                                                            "b": Variant("b", {})},
+                 claims=(Claim("a beats b", "a", "b", metric="final/val_loss"),))
+    grid_runs = members(grid)
+    results = {m.run_name: {**_result(2.0 if m.point.get("train.lr") == 2 else 3.0),
+                            "ns_dtype": "bfloat16" if m.point.get("train.lr") == 1 else "float32"} for m in grid_runs}
+    text = build_report(grid, grid_runs, {m.run_name: member_config(grid, m) for m in grid_runs}, results)["text"]
+    assert "Newton-Schulz iterated in bfloat16 (2 runs), float32 (4 runs)." in text and "Caution" not in text
+    # A gridded side with no best point yet (no seed has finished both its points) compares nothing.
+    partial = {k: v for k, v in results.items() if k not in ("g-a-lr1-s0", "g-a-lr2-s1")}
+    assert _compared(grid, grid_runs, partial, grid.claims[0]) == []
+    assert [m.run_name for m in _compared(grid, grid_runs, results, grid.claims[0])] == [
+        "g-a-lr2-s0", "g-a-lr2-s1", "g-b-s0", "g-b-s1"]
 
 
 def test_sweep_files_are_checked_naming_the_field(tmp_path):
@@ -194,6 +219,11 @@ def test_sweep_files_are_checked_naming_the_field(tmp_path):
         load_sweep(write("""
             name: s
             variants: {a: {}, b: {}}
+            claims: [{claim: x, variant: a, baseline: b, metric: final/val_loss, kind: tokens_to_match}]"""))
+    with pytest.raises(ConfigError, match=r"over train.steps \(and nothing else\) in variant 'a'"):
+        load_sweep(write("""
+            name: s
+            variants: {a: {grid: {train.steps: [10, 20], train.lr: [0.001, 0.003]}}, b: {}}
             claims: [{claim: x, variant: a, baseline: b, metric: final/val_loss, kind: tokens_to_match}]"""))
     with pytest.raises(ConfigError, match="no such file, nor a bundled sweep; bundled: dense_layers, heads"):
         load_sweep("nope")
