@@ -132,9 +132,21 @@ def run_pretrain(cfg: RunConfig, shard_stage_uri: str, manifest: dict[str, Any],
         raise RuntimeError(f"pretraining run {name} finished without a registered checkpoint")
     run_dir = storage.join(run_root, name)
     final = storage.join(run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    check_final_checkpoint(checkpoint.filesystem, checkpoint.path, t.steps, final)
     metrics = dict(result.metrics or {})
-    return PretrainOutputs(run_dir=run_dir, checkpoint_uri=final, step=int(metrics.get("step", t.steps)),
-                           metrics=metrics, fingerprint=fp)
+    return PretrainOutputs(run_dir=run_dir, checkpoint_uri=final, step=t.steps, metrics=metrics, fingerprint=fp)
+
+
+def check_final_checkpoint(fs, path: str, steps: int, where: str) -> None:
+    """The run's last registered checkpoint is of its last step, or a RuntimeError: a stage that ended on an
+    older one must not be marked complete with the last steps lost."""
+    from pipelines.train.checkpointing import read_meta
+
+    step = read_meta(fs, path).get("step")
+    if step != steps:
+        raise RuntimeError(f"pretraining ended with checkpoint {where} of step {step}, not of the last step "
+                           f"(train.steps={steps}); the stage is not marked complete. Run it again to resume "
+                           "from that checkpoint.")
 
 
 def _check_worker_resources(t) -> None:

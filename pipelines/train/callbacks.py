@@ -211,6 +211,18 @@ class Checkpointing(Callback):
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self.writer.poll_and_register(final=True)
+        steps = trainer.cfg.train.steps
+        if steps in self.writer.abandoned:  # every rank has the same list: the verdict on each save is agreed
+            # Ending normally would report the run finished with an older checkpoint as its model, the last
+            # steps lost. Failing lets Ray Train restart the run (train.max_failures) from its last registered
+            # checkpoint, retrain those steps and save again; with no restarts left the stage fails, unmarked.
+            raise CheckpointSaveError(
+                f"the final checkpoint (step {steps}) could not be written to {self.writer.experiment_path} after "
+                f"{self.writer.attempts} attempts; the run fails rather than end on an older checkpoint")
+
+
+class CheckpointSaveError(RuntimeError):
+    """The run's final checkpoint could not be saved."""
 
 
 class PreemptionCheckpoint(Callback):

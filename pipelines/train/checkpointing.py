@@ -176,6 +176,18 @@ class CheckpointWriter:
     def path_for(self, step: int) -> str:
         return f"{self.experiment_path}/{checkpoint_dir_name(step)}{self.folder_suffix}"
 
+    def earlier_start_wrote(self) -> bool:
+        """Whether some earlier start of this run wrote a checkpoint folder here, registered or not (agreed
+        over the ranks). A start that finds one must take fresh folder names even with no checkpoint to
+        resume from: the earlier start may have been cut off before its first checkpoint was registered,
+        and one of its workers may still be writing into a folder of the plain name."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.experiment_path, allow_not_found=True))
+            found = int(any(i.base_name.startswith("checkpoint-step") for i in infos))
+        except OSError:
+            found = 1  # cannot tell: fresh names cost nothing
+        return bool(agree(found, dist.ReduceOp.MAX, name="earlier checkpoint folders"))
+
     def use_fresh_folders(self) -> None:
         """From here on, write checkpoints into folders named for this start of the run (every rank takes the
         same name: the latest start time over the ranks, in ms). A worker of an earlier start that was cut off

@@ -118,7 +118,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     storage = ctx.get_storage()
     fs = storage.storage_filesystem
     writer = trainer.checkpoint_writer(fs, storage.experiment_fs_path, RayTrainRegistry(fs))
-    if callbacks.restore_latest(trainer, writer) is not None:
+    if callbacks.restore_latest(trainer, writer) is not None or writer.earlier_start_wrote():
         writer.use_fresh_folders()
 
     logger = system_metrics = None

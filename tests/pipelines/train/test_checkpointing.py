@@ -277,3 +277,67 @@ def test_step_pacing_sleeps_out_the_floor_after_the_step_and_is_off_at_zero(monk
     assert load_config("ci", ["train.min_step_s=0.5"]).train.min_step_s == 0.5
     with pytest.raises(ConfigError, match="min_step_s.*must be >= 0"):
         load_config("ci", ["train.min_step_s=-1"])
+
+
+def test_a_start_takes_fresh_folder_names_when_an_earlier_start_wrote_any(tmp_path, registry):
+    """Even with nothing registered to resume from: an earlier start cut off before its first checkpoint was
+    registered may still be writing into the plain names."""
+    writer = checkpointing.CheckpointWriter(FlakyFS(), str(tmp_path / "run"), rank=0, signature={}, world_size=1,
+                                            ep=1, registry=registry)
+    assert not writer.earlier_start_wrote()  # the run's folder does not exist yet
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert not writer.earlier_start_wrote()  # Ray's own files are not checkpoints
+    (tmp_path / "run" / "checkpoint-step00000002").mkdir()  # never registered
+    assert writer.earlier_start_wrote()
+
+
+class _FakeTrainer:
+    """What the Checkpointing callback reads of a trainer."""
+
+    def __init__(self, steps: int):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(train=SimpleNamespace(steps=steps))
+        self.global_step = 0
+        self.metrics = {}
+
+    def state_dict(self):
+        return {"step": self.global_step, "model": {"w": torch.full((2,), float(self.global_step))}}
+
+
+def test_a_run_whose_final_checkpoint_cannot_be_saved_fails_instead_of_ending_on_an_older_one(tmp_path, registry):
+    from types import SimpleNamespace
+
+    from pipelines.train.callbacks import Checkpointing, CheckpointSaveError
+
+    def run(down_at: set[int]) -> None:
+        fs = FlakyFS()
+        writer = checkpointing.CheckpointWriter(fs, str(tmp_path / f"run{sorted(down_at)}"), rank=0, signature={},
+                                                world_size=1, ep=1, registry=registry, attempts=2, backoff_s=0.001)
+        callback, trainer = Checkpointing(writer, checkpoint_every=2), _FakeTrainer(steps=4)
+        for step in (1, 2, 3, 4):
+            trainer.global_step = step
+            fs.down = step in down_at
+            callback.post_step(trainer, SimpleNamespace(loss=1.0))
+            writer.poll_and_register(final=True)  # let this step's upload finish while the store is as set
+        callback.on_fit_end(trainer)
+
+    run(down_at={2})  # a lost mid-run checkpoint costs nothing at the end
+    with pytest.raises(CheckpointSaveError, match=r"the final checkpoint \(step 4\) could not be written to .* after "
+                                                  r"2 attempts"):
+        run(down_at={4})
+
+
+def test_a_stage_that_ended_on_an_older_checkpoint_is_not_complete(tmp_path):
+    import json
+
+    from pipelines.stages.pretrain import check_final_checkpoint
+
+    folder = tmp_path / "checkpoint-step00000004"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "ep": 1, "signature": {}}))
+    check_final_checkpoint(pafs.LocalFileSystem(), str(folder), 4, "ckpt")
+    with pytest.raises(RuntimeError, match=r"ended with checkpoint ckpt of step 4, not of the last step "
+                                           r"\(train.steps=6\); the stage is not marked complete"):
+        check_final_checkpoint(pafs.LocalFileSystem(), str(folder), 6, "ckpt")
