@@ -2,7 +2,7 @@
 
 Layout, inside the Ray Train run folder (``<storage>/runs/<run-name>/<run-name>-pretrain-<fp>/``)::
 
-    checkpoint-step00000050/                    (a resumed start adds ``-a<its start time, ms>``)
+    checkpoint-step00000050/                    (a later start of the run adds ``-a<its start time, ms>``)
         rank-00000.shard  rank-00001.shard ...  one shard per rank (``pipelines.train.checkpoint_file``): its parameters
                                                 (local experts included), its optimizer state, step, RNG
         meta.json                               written by rank 0: step, world size, ep, math signature
