@@ -441,7 +441,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, RopeScaling):
             return value
         if isinstance(value, dict):
-            return RopeScaling(**value)
+            fields = _section_fields(RopeScaling)
+            unknown = sorted(str(k) for k in value if k not in fields)
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: not a YaRN field; valid: {', '.join(fields)}")
+            return RopeScaling(**{k: _coerce(f"{key}.{k}", v, fields[k]) for k, v in value.items()})
         raise ConfigError(f"{key}={value!r}: expected a mapping of YaRN fields")
     if origin is tuple:
         if isinstance(value, str) and value.strip().startswith("["):
@@ -469,16 +473,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             f = float(str(value).replace("_", ""))
         except ValueError:
             raise ConfigError(f"{key}={value!r}: expected an integer") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}={value!r}: expected an integer")
         return int(f)
     if annotation is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a number")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r}: expected a number") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return f
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r}: expected a string")

@@ -130,6 +130,7 @@ def setup_tracking(cfg: RunConfig, nest_under: str | None = None) -> dict[str, A
     if not cfg.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking_uri(uri)
     c = tracking.client(uri)
     record_uri = storage.join(storage.run_dir(cfg.storage.root, cfg.run_name), "tracking.json")
     record = storage.read_json(record_uri) if storage.exists(record_uri) else None
@@ -368,18 +369,24 @@ def _register_export(c, record: dict[str, Any], outputs: Any) -> None:
 
 
 # ---------------------------------------------------------------------- driver
+def check_stages(cfg: RunConfig, selected: list[str]) -> None:
+    """What only the selected stages need of the config, checked before any cluster time (here, and by
+    ``k2pipe submit`` before it submits)."""
+    if selected[-1] != "ingest":  # the tokenizer stage runs (or is reused)
+        cfg.data.check_for_data_stages()
+    if "export" in selected:
+        from pipelines.stages.export import check_exportable
+
+        check_exportable(cfg.model)
+
+
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
                  force: tuple[str, ...] = (), ray_address: str | None = None,
                  nest_under: str | None = None) -> PipelineResult:
     import ray
 
     selected = select_stages(from_stage, until)
-    if selected[-1] != "ingest":  # the tokenizer stage runs (or is reused): check before any cluster time
-        cfg.data.check_for_data_stages()
-    if "export" in selected:
-        from pipelines.stages.export import check_exportable
-
-        check_exportable(cfg.model)
+    check_stages(cfg, selected)
     for name in force:
         if name not in STAGES:
             raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")

@@ -282,6 +282,7 @@ def _sweep_tracking(sweep: Sweep, cfg: RunConfig, quick: bool) -> dict[str, Any]
     if not cfg.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking_uri(uri)
     c = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     name = sweep.name + ("-quick" if quick else "")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipelines.config import ConfigError
+
 T = TypeVar("T")
 SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
 RUN_NAME_TAG = "k2pipe.run_name"
@@ -39,6 +41,46 @@ def resolve_tracking_uri(uri: str | None) -> str:
             return f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
         return uri
     return default_tracking_uri()
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+HEALTH_TIMEOUT_S = 10.0
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer."""
+
+
+def _shown(uri: str) -> str:
+    """``uri`` without any user:password part, for messages."""
+    return re.sub(r"(//)[^/@]*@", r"\1***@", uri)
+
+
+def check_tracking_uri(uri: str, where: str = "tracking.uri") -> None:
+    """Before any work is tracked there: a URI MLflow can use, a local store whose folder exists, a server that
+    answers (an HTTP error is an answer; a refused or timed-out connection is not). Without this a wrong
+    address costs minutes of retries before the error."""
+    import urllib.error
+    import urllib.request
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{where}={_shown(uri)}: unknown scheme {scheme!r}; valid: sqlite:///PATH, "
+                          "http(s)://HOST:PORT, file:///PATH, a database URI (postgresql, mysql, mssql), databricks")
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"{where}={uri}: the folder {folder} does not exist")
+    if scheme in ("http", "https"):
+        try:
+            bare = re.sub(r"(//)[^/@]*@", r"\1", uri.rstrip("/"))  # /health needs no credentials
+            urllib.request.urlopen(bare + "/health", timeout=HEALTH_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnreachable(f"the MLflow server at {_shown(uri)} does not answer ({reason}); start it "
+                                      "(infra/local/stack.sh starts one) or pass another tracking URI") from None
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:

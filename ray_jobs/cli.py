@@ -40,6 +40,9 @@ def cmd_params(args: argparse.Namespace) -> int:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UsageError(f"--hf-config {path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise UsageError(f"--hf-config {path}: expected a JSON object (a model's config.json), "
+                             f"not a {type(hf).__name__}")
         try:
             cfg = ModelConfig.from_hf_config(hf, source=str(path))
         except ValueError as e:
@@ -141,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_command(sub)
     add_sweep_command(sub)
+    # The global flags are taken after the command too (`k2pipe run ... --debug`); SUPPRESS keeps a
+    # command's parser from resetting one given before it.
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="keep Ray's INFO logging and progress bars")
     return parser
 
 
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.config import ConfigError
     from pipelines.console import VERBOSE_ENV, quiet_ray_logging
     from pipelines.storage import DataError
+    from pipelines.tracking import TrackingUnreachable
 
     args = build_parser().parse_args(argv)
     if args.debug:
@@ -163,12 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # a bad value or input file, found before the work it would spoil
         report_error("k2pipe: error", e)
         return EXIT_USAGE
+    except TrackingUnreachable as e:
+        report_error("k2pipe: tracking error", e)
+        return EXIT_FAILED
     except OSError as e:  # storage: a missing object, access denied, S3 unreachable after retries
         report_error("k2pipe: storage error", e)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("k2pipe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a case the checks above miss: still a few lines, the traceback under --debug
+        report_error(f"k2pipe: error ({type(e).__name__})", e)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

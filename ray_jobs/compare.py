@@ -189,13 +189,14 @@ def plot_curves(rows: list[PipelineRun], out: Path, title: str) -> bool:
 def resolve_compare_uri(uri: str | None) -> str:
     """The tracking URI to read: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the default local
     store; a local SQLite store that does not exist is an error (reading must not create one)."""
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import check_tracking_uri, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if resolved.startswith("sqlite:///"):
         path = Path(resolved[len("sqlite:///"):])
-        if not path.exists():
+        if not path.is_file():
             raise UsageError(f"no MLflow store at {path}; pass --tracking-uri (sqlite:///PATH or http://HOST:PORT)")
+    check_tracking_uri(resolved, "--tracking-uri")
     return resolved
 
 

@@ -379,14 +379,15 @@ def _when(ms: int | None) -> str:
 # ---------------------------------------------------------------------- commands
 @_job_command
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.dag import select_stages
+    from pipelines.dag import check_stages, select_stages
 
     address = resolve_address(args.address)
     cfg = load_run_config(args)
     try:
-        select_stages(args.from_stage, args.until)
+        selected = select_stages(args.from_stage, args.until)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_stages(cfg, selected)  # what the job would refuse on the cluster, refused before it is submitted
     cfg = locate_for_cluster(cfg, address)
     commit = local_git_commit()
     spec = build_job_spec(cfg, credentials=args.credentials, git_commit=commit, from_stage=args.from_stage,

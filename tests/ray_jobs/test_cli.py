@@ -105,3 +105,102 @@ def test_a_run_whose_layout_cannot_fit_train_device_memory_gb_is_refused_before_
     assert re.search(r"train.device_memory_gb=3.5: this layout needs 3\.\d GB on its most loaded GPU", done.stderr)
     assert "smallest change that fits:" in done.stderr and "--set train.offload_optimizer=true" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "store").exists()
+
+
+def test_values_no_run_could_use_are_refused_naming_the_key():
+    from pipelines.config import ConfigError, load_config
+
+    for override, message in (("train.steps=nan", "train.steps='nan': expected an integer"),
+                              ("model.hidden_size=1e400", "model.hidden_size='1e400': expected an integer"),
+                              ("train.lr=inf", "train.lr='inf': expected a finite number"),
+                              ("train.cpus_per_worker=-inf", "train.cpus_per_worker='-inf': expected a finite number"),
+                              ("model.rope_scaling={foo: 1}",
+                               "model.rope_scaling.foo: not a YaRN field; valid: factor, original_max_position"),
+                              ("model.rope_scaling={factor: abc}",
+                               "model.rope_scaling.factor='abc': expected a number")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("ci", [override])
+    scaled = load_config("ci", ["model.rope_scaling={factor: 4, original_max_position_embeddings: 512}"])
+    assert (scaled.model.rope_scaling.factor, scaled.model.rope_scaling.original_max_position_embeddings) == (4.0, 512)
+
+
+def test_a_tracking_uri_is_checked_before_anything_is_tracked(tmp_path, capsys, monkeypatch):
+    """A server that does not answer is said at once (not after minutes of retries), with no credentials in
+    the message; any HTTP answer counts as an answer; an unknown scheme or a missing folder is bad usage."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipelines.config import ConfigError
+    from pipelines.tracking import TrackingUnreachable, check_tracking_uri
+    from ray_jobs import cli
+
+    monkeypatch.delenv("K2PIPE_DEBUG", raising=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(TrackingUnreachable, match=rf"the MLflow server at http://\*\*\*@127.0.0.1:{closed} does not "
+                                                  "answer"):
+        check_tracking_uri(f"http://user:hunter2@127.0.0.1:{closed}")
+    assert cli.main(["compare", "--tracking-uri", f"http://127.0.0.1:{closed}"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"k2pipe: tracking error: the MLflow server at http://127.0.0.1:{closed} does not answer" in err
+    assert "Traceback" not in err
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")  # it answered: no error
+    finally:
+        server.shutdown()
+    with pytest.raises(ConfigError, match=r"tracking.uri=foo://x: unknown scheme 'foo'; valid: sqlite:///PATH"):
+        check_tracking_uri("foo://x")
+    with pytest.raises(ConfigError, match=rf"the folder {tmp_path / 'nowhere'} does not exist"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}")
+    check_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "mlflow.db").exists()  # checking creates nothing
+
+
+def test_an_unforeseen_error_is_still_a_few_lines_and_debug_works_after_the_command(capsys, monkeypatch):
+    from ray_jobs import cli
+
+    def broken(args):
+        raise TypeError("something no check foresaw")
+
+    monkeypatch.setattr(cli, "cmd_params", broken)  # the real parser, with `params` pointed at a failing body
+    monkeypatch.delenv("K2PIPE_DEBUG", raising=False)
+    assert cli.main(["params"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "k2pipe: error (TypeError): something no check foresaw" in err and "Traceback" not in err
+    assert cli.main(["params", "--debug"]) == cli.EXIT_FAILED  # --debug after the command, too
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("K2PIPE_DEBUG", raising=False)  # main set it for the --debug call
+
+
+def test_params_refuses_a_config_json_that_is_not_an_object(tmp_path, capsys):
+    from ray_jobs import cli
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert cli.main(["params", "--hf-config", str(tmp_path / "list.json")]) == cli.EXIT_USAGE
+    assert f"--hf-config {tmp_path / 'list.json'}: expected a JSON object (a model's config.json), not a list" \
+        in capsys.readouterr().err
+
+
+def test_submit_refuses_what_the_job_would_refuse_before_reaching_the_cluster(capsys):
+    from ray_jobs import cli
+
+    # Nothing listens at this address: the refusal comes before any connection is tried.
+    code = cli.main(["submit", "ci", "--address", "http://127.0.0.1:9", "--storage", "s3://b/k2", "--set",
+                     "data.vocab_size=100", "--set", "model.vocab_size=100"])
+    assert code == cli.EXIT_USAGE
+    assert "data.vocab_size=100: a byte-level BPE needs at least 259 tokens" in capsys.readouterr().err
+    code = cli.main(["submit", "ci", "--address", "http://127.0.0.1:9", "--storage", "s3://b/k2", "--set",
+                     "model.score_func=softmax"])
+    assert code == cli.EXIT_USAGE and "model.score_func='softmax'" in capsys.readouterr().err
