@@ -149,9 +149,11 @@ def test_a_registration_settles_once_the_controller_has_taken_it(ray_local, tmp_
 def test_killed_job_resumes_from_latest_checkpoint_under_the_same_name(ray_local, data, tmp_path):
     root, manifest = data
     reference = run_pretrain(make_config(str(tmp_path / "ref")), root, manifest)
-    # The crash comes 3 steps after the checkpoint of step 4, time for Ray Train's controller to register
-    # it (it collects reports when it polls the workers; see ray_local).
-    crashing = make_config(str(tmp_path / "run"), "train.fault_injection=0:7", "train.max_failures=0")
+    # The crash comes 3 steps after the checkpoint of step 4, time for its upload to land and for Ray Train's
+    # controller to register it (it collects reports when it polls the workers; see ray_local). Steps are
+    # floored at 0.5 s: on a fast CPU, 3 tiny steps ended before the registration and the run retrained.
+    crashing = make_config(str(tmp_path / "run"), "train.fault_injection=0:7", "train.max_failures=0",
+                           "train.min_step_s=0.5")
     from ray.train import TrainingFailedError
 
     with pytest.raises(TrainingFailedError):
