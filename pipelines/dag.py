@@ -387,6 +387,9 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
 
     selected = select_stages(from_stage, until)
     check_stages(cfg, selected)
+    corpus = cfg.data.corpus
+    if corpus and "://" not in corpus and not Path(corpus).exists():  # a local folder, checked before Ray starts
+        raise storage.DataError(f"data.corpus={corpus}: no such file or folder on this machine")
     for name in force:
         if name not in STAGES:
             raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")

@@ -204,3 +204,17 @@ def test_submit_refuses_what_the_job_would_refuse_before_reaching_the_cluster(ca
     code = cli.main(["submit", "ci", "--address", "http://127.0.0.1:9", "--storage", "s3://b/k2", "--set",
                      "model.score_func=softmax"])
     assert code == cli.EXIT_USAGE and "model.score_func='softmax'" in capsys.readouterr().err
+
+
+def test_a_missing_local_corpus_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from ray_jobs import cli
+
+    monkeypatch.delenv("K2PIPE_DEBUG", raising=False)
+    code = cli.main(["data", "ci", "--set", f"data.corpus={tmp_path / 'nowhere'}", "--set", "tracking.enabled=false",
+                     "--storage", str(tmp_path / "store")])
+    assert code == cli.EXIT_USAGE
+    assert f"data.corpus={tmp_path / 'nowhere'}: no such file or folder on this machine" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "store").exists()
+
