@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 
 from ray_jobs.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_args
@@ -75,14 +76,27 @@ def _hardware(args: argparse.Namespace):
     from k2model.plan import HARDWARE
 
     hw = HARDWARE[args.hardware]
-    changes = {"memory_gb": args.gpu_memory_gb, "gpus_per_node": args.gpus_per_node,
-               "host_memory_gb": args.host_memory_gb, "nvlink_gbs": args.nvlink_gbs, "hbm_gbs": args.hbm_gbs,
-               "network_gbs": args.network_gbs,
-               "bf16_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
-    for flag, value in changes.items():
-        if value is not None and value <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')}: expected a positive number, got {value}")
-    return replace(hw, **{k: v for k, v in changes.items() if v is not None})
+    # The hardware field each flag overrides (--peak-tflops in TFLOP/s, the field in FLOP/s).
+    flags = {"gpu_memory_gb": "memory_gb", "gpus_per_node": "gpus_per_node", "host_memory_gb": "host_memory_gb",
+             "nvlink_gbs": "nvlink_gbs", "hbm_gbs": "hbm_gbs", "network_gbs": "network_gbs",
+             "peak_tflops": "bf16_flops"}
+    changes = {}
+    for flag, field_name in flags.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+        changes[field_name] = value * 1e12 if flag == "peak_tflops" else value
+    return replace(hw, **changes)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts the plan takes as given: at least 1 (0 is not "the default")."""
+    for flag in ("gpus", "pp", "ep", "micro_batch", "top"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected at least 1")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -94,16 +108,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides, vocab_from_model=True)
     except ConfigError as e:
         raise UsageError(f"invalid config: {e}") from None
+    _check_counts(args)
     for flag in ("mfu", "a2a_overlap", "dp_overlap"):
         value = getattr(args, flag)
         if not 0 <= value <= 1 or (flag == "mfu" and value == 0):
-            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a share in (0, 1]")
+            share = "(0, 1]" if flag == "mfu" else "[0, 1]"
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a share in {share}")
     hardware = _hardware(args)
     assumptions = Assumptions(mfu=args.mfu, a2a_overlap=args.a2a_overlap, dp_overlap=args.dp_overlap)
     t = cfg.train
     job = Job(cfg.model, cfg.optimizer, cfg.data.seq_len, t.global_batch_size)
     layout = Layout(args.gpus, args.pp if args.pp is not None else t.pp, args.ep if args.ep is not None else t.ep,
-                    args.micro_batch or t.micro_batch_size, args.recompute or t.recompute,
+                    t.micro_batch_size if args.micro_batch is None else args.micro_batch, args.recompute or t.recompute,
                     args.param_dtype or t.param_dtype,
                     t.offload_optimizer if args.offload_optimizer is None else args.offload_optimizer,
                     t.pp_layers if args.pp is None else None)
@@ -113,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render_plan(plan))
             return EXIT_OK if plan.fits else EXIT_FAILED
         plans = search_layouts(job, args.gpus, hardware, assumptions, param_dtype=layout.param_dtype,
-                               micro_batches=(args.micro_batch,) if args.micro_batch else (1, 2, 4, 8),
+                               micro_batches=(args.micro_batch,) if args.micro_batch is not None else (1, 2, 4, 8),
                                recompute=(args.recompute,) if args.recompute else None,
                                offload=(args.offload_optimizer,) if args.offload_optimizer is not None else None)
     except PlanError as e:

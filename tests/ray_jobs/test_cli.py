@@ -218,3 +218,20 @@ def test_a_missing_local_corpus_is_refused_before_ray_starts(tmp_path, capsys, m
     assert f"data.corpus={tmp_path / 'nowhere'}: no such file or folder on this machine" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "store").exists()
 
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch", "0"], "--micro-batch 0: expected at least 1"),  # was taken as "the default"
+    (["--top", "0"], "--top 0: expected at least 1"),
+    (["--pp", "0", "--ep", "1"], "--pp 0: expected at least 1"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: expected a positive number"),
+    (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1.0: expected a positive number"),  # named the flag
+    (["--gpu-memory-gb", "nan"], "--gpu-memory-gb nan: expected a positive number"),
+    (["--a2a-overlap", "-0.5"], "--a2a-overlap -0.5: expected a share in [0, 1]"),
+])
+def test_plan_refuses_a_flag_out_of_range_naming_it(flags, message, capsys):
+    from ray_jobs import cli
+
+    assert cli.main(["plan", "--preset", "small", "--gpus", "8", *flags]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
