@@ -12,7 +12,7 @@ from ray_jobs.common import EXIT_FAILED, EXIT_OK, UsageError
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipelines.config import parse_overrides
-    from pipelines.sweep import load_sweep, members, run_sweep
+    from pipelines.sweep import load_sweep, member_config, members, run_sweep
 
     extra = parse_overrides(args.overrides)
     if args.storage:
@@ -21,7 +21,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra["tracking.uri"] = args.tracking_uri
     sweep = load_sweep(args.sweep)
     if args.list:
-        for m in members(sweep, args.quick):
+        runs = members(sweep, args.quick)
+        for m in runs:  # what a run would refuse (the --set overrides too), refused here as well
+            member_config(sweep, m, extra)
+        for m in runs:
             print(f"{m.run_name}  {json.dumps(m.overrides, default=str)}")
         return EXIT_OK
     if args.parallel is not None and args.parallel < 1:

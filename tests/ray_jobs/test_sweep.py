@@ -358,3 +358,13 @@ def test_a_member_names_its_variant_grid_point_and_seed():
     assert members(sweep) == [Member("v", {"train.lr": 0.001}, 3, "n-v-lr0p001-s3",
                                      {"train.steps": 50, "optimizer.name": "adamw", "train.lr": 0.001,
                                       "train.seed": 3})]
+
+
+def test_sweep_list_names_every_run_and_checks_the_overrides_first(capsys):
+    from ray_jobs import cli
+
+    assert cli.main(["sweep", "heads", "--list"]) == cli.EXIT_OK
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [m.run_name for m in members(load_sweep("heads"))]
+    assert cli.main(["sweep", "heads", "--list", "--set", "train.foo=1"]) == cli.EXIT_USAGE
+    assert "run heads-heads4-s0: unknown config key 'train.foo'" in capsys.readouterr().err
