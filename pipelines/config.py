@@ -555,6 +555,39 @@ def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
     return flat
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A config or sweep file's YAML, or a ConfigError naming the file: unreadable, not UTF-8 text, not valid
+    YAML, or a key given twice."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)  # so that a mark says the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
                 run_name: str | None = None, *, vocab_from_model: bool = False) -> RunConfig:
     """Build and validate a RunConfig. ``config`` is a YAML path or a bundled name; ``overrides`` are
@@ -563,11 +596,7 @@ def load_config(config: str | None = None, overrides: list[str] | dict[str, Any]
     flat: dict[str, Any] = {}
     path = resolve_config_path(config)
     if path is not None:
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        flat.update(_flatten_yaml(doc, str(path)))
+        flat.update(_flatten_yaml(read_yaml_file(path), str(path)))
     flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if run_name is not None:
         flat["name"] = run_name

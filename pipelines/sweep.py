@@ -52,10 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines import storage, tracking
-from pipelines.config import ConfigError, RunConfig, load_config
+from pipelines.config import ConfigError, RunConfig, load_config, read_yaml_file
 
 SWEEP_DIR = Path(__file__).parent / "sweeps"
 KINDS = ("paired", "tokens_to_match")
@@ -135,10 +133,7 @@ def resolve_sweep_path(spec: str) -> Path:
 def load_sweep(spec: str) -> Sweep:
     """Read and check a sweep file; every error names the file and the field."""
     path = resolve_sweep_path(spec)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml_file(path)
     _need(isinstance(doc, dict), str(path), "expected a mapping with name, base, seeds, variants, claims")
     known = {"name", "about", "base", "set", "seeds", "hours", "variants", "claims"}
     unknown = sorted(set(doc) - known)

@@ -235,3 +235,21 @@ def test_plan_refuses_a_flag_out_of_range_naming_it(flags, message, capsys):
     assert cli.main(["plan", "--preset", "small", "--gpus", "8", *flags]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_config_file_that_cannot_be_read_as_yaml_is_bad_usage_naming_it(tmp_path):
+    from pipelines.config import ConfigError, load_config
+    from pipelines.sweep import load_sweep
+
+    (tmp_path / "dup.yaml").write_text("train: {steps: 3, steps: 4}\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "folder.yaml").mkdir()
+    for name, message in (("dup.yaml", "not valid YAML: key 'steps' given twice\n  in \"{path}\", line 1"),
+                          ("binary.yaml", "{path}: not UTF-8 text"),
+                          ("folder.yaml", "{path}: cannot be read (Is a directory)")):
+        path = tmp_path / name
+        for load in (load_config, load_sweep):
+            with pytest.raises(ConfigError, match=re.escape(message.format(path=path))):
+                load(str(path))
+    done = k2pipe("run", str(tmp_path / "folder.yaml"), cwd=tmp_path)  # not a storage error: exit 2
+    assert done.returncode == 2 and "cannot be read (Is a directory)" in done.stderr, done.stderr
