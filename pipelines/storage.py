@@ -177,12 +177,28 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def fsync_local(path: str) -> None:
+    """Flush a local file and its folder's entry to the disk (a rename or a marker written after it must not
+    outlive its data in a power loss); what no local filesystem holds is skipped."""
+    for target in (path, os.path.dirname(path) or "."):
+        try:
+            fd = os.open(target, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # a filesystem without fsync on folders (some network mounts)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def open_output(uri: str) -> Iterator[Any]:
     """A stream to write one object piece by piece (``write_bytes`` for data that does not fit in memory
-    at once). Local files go to a temporary name, renamed when the block ends without an error, so a
-    reader never sees half a file; on S3 the stream is a multipart upload, whose object appears when it
-    completes (a failed block's partial object, if any, is deleted)."""
+    at once). Local files go to a temporary name, synced and renamed when the block ends without an
+    error, so a reader never sees half a file, even after a power loss; on S3 the stream is a multipart
+    upload, whose object appears when it completes (a failed block's partial object, if any, is deleted)."""
     fs, path = resolve(uri)
     if is_s3(uri):
         try:
@@ -199,7 +215,9 @@ def open_output(uri: str) -> Iterator[Any]:
     try:
         with fs.open_output_stream(tmp, compression=None) as f:
             yield f
+        fsync_local(tmp)  # the data on disk before the name says it is complete
         fs.move(tmp, path)
+        fsync_local(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

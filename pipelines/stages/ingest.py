@@ -251,6 +251,8 @@ class _PartWriter:
             return
         self.writer.close()
         self.stream.close()
+        if not storage.is_s3(self.stage_uri):  # on disk before the stage's marker vouches for it
+            storage.fsync_local(storage.resolve(storage.join(self.stage_uri, self.parts[-1].path))[1])
         self.parts[-1] = PartFile(self.parts[-1].path, self.part_rows, self.part_groups, self.part_bytes)
         self.writer = self.stream = None
         self.part_rows = self.part_groups = self.part_bytes = 0

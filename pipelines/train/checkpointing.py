@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from k2model.distributed import agree
 from pipelines.console import say
+from pipelines.storage import fsync_local
 from pipelines.train import checkpoint_file
 
 SHARD_NAME = "rank-{rank:05d}.shard"
@@ -138,6 +139,8 @@ def _write_with_retry(fs: pafs.FileSystem, path: str, data: bytes | Callable[[An
                     data(f)
                 else:
                     f.write(data)
+            if getattr(fs, "type_name", "") == "local":  # registered checkpoints must survive a power loss
+                fsync_local(path)
             return
         except OSError as e:
             if attempt == attempts - 1:

@@ -3,6 +3,7 @@ markers, fingerprints, S3 settings from the environment, and no secrets in messa
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -145,3 +146,20 @@ def test_s3_filesystem_travels_to_workers_and_errors_hide_secrets(s3_bucket):
     assert f"s3://{s3_bucket}/missing" in str(err.value) and "endpoint=http://127.0.0.1" in str(err.value)
     assert secret not in str(err.value) and os.environ["AWS_ACCESS_KEY_ID"] not in str(err.value)
     assert storage.storage_options(uri)["filesystem"] is storage.filesystem(uri)
+
+
+def test_local_writes_reach_the_disk_before_their_name_says_complete(tmp_path, monkeypatch):
+    """A power loss must not leave a complete-looking file (or a marker) whose data never reached the disk:
+    the temporary file is synced before its rename, then the folder entry."""
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "out" / "_COMPLETE.json"
+    storage.write_json(str(target), {"ok": True})
+    assert len(synced) == 4 and ".tmp-" in synced[0] and synced[1] == synced[3] == str(target.parent)
+    assert synced[2] == str(target) and json.loads(target.read_text()) == {"ok": True}

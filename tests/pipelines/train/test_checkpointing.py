@@ -341,3 +341,18 @@ def test_a_stage_that_ended_on_an_older_checkpoint_is_not_complete(tmp_path):
     with pytest.raises(RuntimeError, match=r"ended with checkpoint ckpt of step 4, not of the last step "
                                            r"\(train.steps=6\); the stage is not marked complete"):
         check_final_checkpoint(pafs.LocalFileSystem(), str(folder), 6, "ckpt")
+
+
+def test_a_checkpoint_on_local_disk_is_synced_before_it_is_registered(tmp_path, registry, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    writer = checkpointing.CheckpointWriter(pafs.LocalFileSystem(), str(tmp_path), rank=0, signature={},
+                                            world_size=1, ep=1, registry=registry)
+    writer.start(2, {"step": 2, "model": {"w": torch.ones(3)}}, {})
+    writer.poll_and_register(final=True)
+    folder = tmp_path / "checkpoint-step00000002"
+    assert registry.calls[-1][1] == str(folder)
+    assert {str(folder / "rank-00000.shard"), str(folder / "meta.json"), str(folder)} <= set(synced)
