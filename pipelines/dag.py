@@ -380,6 +380,14 @@ def check_stages(cfg: RunConfig, selected: list[str]) -> None:
         check_exportable(cfg.model)
 
 
+def check_local_corpus(corpus: str | None) -> None:
+    """A local ``data.corpus`` exists (read as ingest reads it: ``~`` and ``file://`` too), checked before Ray
+    starts; an S3 corpus is left to the ingest stage."""
+    path = storage.normalize_uri(corpus) if corpus else None
+    if path and not storage.is_s3(path) and not os.path.exists(path):
+        raise storage.DataError(f"data.corpus={corpus}: no such file or folder on this machine")
+
+
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | None = None,
                  force: tuple[str, ...] = (), ray_address: str | None = None,
                  nest_under: str | None = None) -> PipelineResult:
@@ -387,9 +395,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None, until: str | 
 
     selected = select_stages(from_stage, until)
     check_stages(cfg, selected)
-    corpus = cfg.data.corpus
-    if corpus and "://" not in corpus and not Path(corpus).exists():  # a local folder, checked before Ray starts
-        raise storage.DataError(f"data.corpus={corpus}: no such file or folder on this machine")
+    check_local_corpus(cfg.data.corpus)
     for name in force:
         if name not in STAGES:
             raise ValueError(f"--force {name!r}: unknown stage; valid: {', '.join(STAGES)}")

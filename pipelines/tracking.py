@@ -51,9 +51,13 @@ class TrackingUnreachable(RuntimeError):
     """The tracking server does not answer."""
 
 
+CREDENTIALS = re.compile(r"(//)[^/@]*@")
+"""The user:password part of a URI."""
+
+
 def _shown(uri: str) -> str:
-    """``uri`` without any user:password part, for messages."""
-    return re.sub(r"(//)[^/@]*@", r"\1***@", uri)
+    """``uri`` with any user:password part masked, for messages."""
+    return CREDENTIALS.sub(r"\1***@", uri)
 
 
 def check_tracking_uri(uri: str, where: str = "tracking.uri") -> None:
@@ -73,7 +77,7 @@ def check_tracking_uri(uri: str, where: str = "tracking.uri") -> None:
             raise ConfigError(f"{where}={uri}: the folder {folder} does not exist")
     if scheme in ("http", "https"):
         try:
-            bare = re.sub(r"(//)[^/@]*@", r"\1", uri.rstrip("/"))  # /health needs no credentials
+            bare = CREDENTIALS.sub(r"\1", uri.rstrip("/"))  # /health needs no credentials
             urllib.request.urlopen(bare + "/health", timeout=HEALTH_TIMEOUT_S).close()
         except urllib.error.HTTPError:
             pass  # it answered

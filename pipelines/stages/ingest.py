@@ -204,6 +204,7 @@ class _PartWriter:
         self.pending: list[pa.Table] = []
         self.writer: pq.ParquetWriter | None = None
         self.stream: Any = None
+        self.stream_path = ""
         self.part_rows = self.part_groups = self.part_bytes = 0
 
     def add(self, table: pa.Table) -> None:
@@ -236,7 +237,7 @@ class _PartWriter:
             fs, fs_path = storage.resolve(storage.join(self.stage_uri, path))
             if not storage.is_s3(self.stage_uri):
                 fs.create_dir(os.path.dirname(fs_path), recursive=True)
-            self.stream = fs.open_output_stream(fs_path, compression=None)
+            self.stream, self.stream_path = fs.open_output_stream(fs_path, compression=None), fs_path
             self.writer = pq.ParquetWriter(self.stream, OUTPUT_SCHEMA, compression="zstd")
             self.parts.append(PartFile(path, 0, 0, 0))
         self.writer.write_table(group, row_group_size=group.num_rows)
@@ -252,7 +253,7 @@ class _PartWriter:
         self.writer.close()
         self.stream.close()
         if not storage.is_s3(self.stage_uri):  # on disk before the stage's marker vouches for it
-            storage.fsync_local(storage.resolve(storage.join(self.stage_uri, self.parts[-1].path))[1])
+            storage.fsync_local(self.stream_path)
         self.parts[-1] = PartFile(self.parts[-1].path, self.part_rows, self.part_groups, self.part_bytes)
         self.writer = self.stream = None
         self.part_rows = self.part_groups = self.part_bytes = 0

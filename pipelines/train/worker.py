@@ -118,7 +118,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     storage = ctx.get_storage()
     fs = storage.storage_filesystem
     writer = trainer.checkpoint_writer(fs, storage.experiment_fs_path, RayTrainRegistry(fs))
-    if callbacks.restore_latest(trainer, writer) is not None or writer.earlier_start_wrote():
+    callbacks.restore_latest(trainer, writer)
+    if writer.earlier_start_wrote():  # a checkpoint restored, or any folder an earlier start left
         writer.use_fresh_folders()
 
     logger = system_metrics = None

@@ -253,3 +253,16 @@ def test_a_config_file_that_cannot_be_read_as_yaml_is_bad_usage_naming_it(tmp_pa
                 load(str(path))
     done = k2pipe("run", str(tmp_path / "folder.yaml"), cwd=tmp_path)  # not a storage error: exit 2
     assert done.returncode == 2 and "cannot be read (Is a directory)" in done.stderr, done.stderr
+
+
+def test_a_local_corpus_is_found_as_ingest_reads_it(tmp_path, monkeypatch):
+    from pipelines.dag import check_local_corpus
+    from pipelines.storage import DataError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    for present in ("~/corpus", f"file://{tmp_path / 'corpus'}", str(tmp_path / "corpus"), "s3://bucket/any", None):
+        check_local_corpus(present)
+    with pytest.raises(DataError, match=r"data.corpus=~/gone: no such file or folder on this machine"):
+        check_local_corpus("~/gone")
+
