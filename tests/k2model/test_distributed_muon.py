@@ -5,15 +5,11 @@ shards under expert parallelism, and exact resume from per-rank shards or a merg
 from __future__ import annotations
 
 import io
-import json
-import os
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from k2model.config import OptimizerConfig, preset_config
@@ -22,6 +18,7 @@ from k2model.model import build_model
 from k2model.optim import MuonClip, assign_owners, build_optimizer, merge_state_dicts, split_params
 from k2model.parallel import GradientSync, build_parallel_model, expert_param_names
 from k2model.qk_clip import qk_clip
+from k2model.testing import run_workers
 
 # Defaults to optimizer.ns_dtype=auto: rerun as the other CPU kind by `make test` (tests/conftest.py).
 pytestmark = pytest.mark.auto_dtype
@@ -193,44 +190,17 @@ def _qk_clip_all_reduce(rank, out):
     assert _replicated_equal_across_ranks(model)
 
 
-def _worker(rank, port, result_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        out = {}
-        _data_parallel(rank, out)
-        _expert_parallel(rank, out)
-        _qk_clip_all_reduce(rank, out)
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, *args, attempts: int = 3):
-    """mp.spawn with a fresh port, retried when another process took the port between our probe and
-    rank 0's bind (other test suites on this machine spawn gloo groups too)."""
-    for attempt in range(attempts):
-        try:
-            mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
-            return
-        except mp.ProcessRaisedException as e:
-            text = str(e).lower()
-            if attempt == attempts - 1 or not ("eaddrinuse" in text or "address already in use" in text):
-                raise
+def _worker(rank, world):
+    out = {}
+    _data_parallel(rank, out)
+    _expert_parallel(rank, out)
+    _qk_clip_all_reduce(rank, out)
+    return out
 
 
 @pytest.mark.slow
-def test_distributed_muon_equals_single_process_with_1_over_n_work(tmp_path):
-    _spawn(_worker, str(tmp_path))
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+def test_distributed_muon_equals_single_process_with_1_over_n_work():
+    results = run_workers(_worker, WORLD, timeout_s=300)
     total_flops = results[0]["dp_total_ns_flops"]
     total_momentum = results[0]["dp_total_momentum_numel"]
     assert sum(r["dp_ns_flops"] for r in results) == total_flops
